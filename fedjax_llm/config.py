@@ -1,0 +1,255 @@
+"""Typed experiment configs (Hydra structured configs) and their start-up validation.
+
+Every knob is a typed field with a default here; Hydra merges `conf/` YAML onto `TrainConfig`, so an
+unknown key or a wrong type fails while composing. `validate` then checks values and combinations and
+raises `ConfigError` naming the key, before any data is loaded or anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any, Dict, List, Optional
+
+from fedjax_llm.models.spec import LoRASpec, LlamaSpec, check_spec, llama_spec
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot run; the message names the key."""
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    enabled: bool = False          # True: clients train adapters only, the base stays frozen
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = "llama"          # llama (also covers Qwen2 / Mistral layouts)
+    size: str = "nano"             # a row of fedjax_llm.models.spec.SIZES
+    d_model: Optional[int] = None  # the fields below override the size row when set
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    param_dtype: str = "float32"   # float32 | bfloat16
+    compute_dtype: str = "float32"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "chatterbot"     # chatterbot | jsonl
+    path: Optional[str] = None     # jsonl: file of {"prompt","response"} or {"text"} records
+    languages: List[str] = field(default_factory=list)   # chatterbot: empty = every language
+    categories: List[str] = field(default_factory=list)  # chatterbot: empty = every category
+    seq_len: int = 64              # tokens per example, prompt + response (padded / truncated)
+    vocab_size: int = 2048         # byte-level BPE vocabulary trained on the training split
+    tokenizer_cache: str = "~/.cache/fedjax_llm/tokenizers"
+    eval_fraction: float = 0.1     # held out per client; the global eval set is their union
+    max_eval_examples: int = 2048  # cap on the global eval set (0 = no cap); per cloud likewise
+
+
+@dataclasses.dataclass
+class PartitionConfig:
+    kind: str = "natural"          # natural | dirichlet | iid
+    alpha: float = 0.5             # dirichlet concentration (smaller = more skew)
+    label_field: str = "category"  # dirichlet: the label whose mix is skewed
+    client_field: str = "source"   # natural: examples sharing this field stay on one client
+    cloud_field: str = "language"  # clouds.members.*.select lists values of this field
+
+
+@dataclasses.dataclass
+class LinkConfig:
+    bandwidth_mbps: float = 100.0  # link between the cloud and the global aggregator
+    latency_ms: float = 50.0
+
+
+@dataclasses.dataclass
+class CloudConfig:
+    clients: int = 3               # clients hosted by this cloud
+    clients_per_round: int = 0     # sampled each round (0 = all)
+    select: List[str] = field(default_factory=list)  # values of partition.cloud_field it owns
+    link: LinkConfig = field(default_factory=LinkConfig)
+
+
+@dataclasses.dataclass
+class CloudsConfig:
+    members: Dict[str, CloudConfig] = field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    local_steps: int = 8           # S: optimizer steps per client per round
+    batch_size: int = 16           # B: examples per step
+    local_epochs: float = 0.0      # > 0: min(local_steps, ceil(local_epochs * n / B)) steps, rest masked
+    optimizer: str = "adamw"       # adamw | adam | sgd (client optimizer, from optax)
+    lr: float = 3e-3
+    momentum: float = 0.0          # sgd only
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0         # global-norm clip per step (0 = off)
+    backend: str = "vmap"          # vmap (jitted, sharded) | loop (debugging and reference)
+    clients_per_chunk: int = 0     # clients vmapped together per scan step (0 = auto per backend)
+    weighting: str = "examples"    # examples | uniform
+
+
+@dataclasses.dataclass
+class AggregatorConfig:
+    name: str = "fedavg"           # aggregation rule across clouds
+    server_optimizer: str = "sgd"  # sgd | momentum | adam (applied to the aggregate, optax)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9   # momentum only
+    server_b1: float = 0.9
+    server_b2: float = 0.99
+    server_eps: float = 1e-3
+
+
+@dataclasses.dataclass
+class RunConfig:
+    rounds: int = 20
+    eval_every: int = 1            # rounds between evaluations (the last round always evaluates)
+    eval_batch_size: int = 64
+    on_nonfinite: str = "drop"     # drop: NaN/Inf clients are excluded and counted | stop
+    progress: bool = True          # tqdm bar with round, loss and ETA
+    devices: int = 0               # devices on the clients mesh axis (0 = all local devices)
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 5                 # rounds between checkpoints (the last round always saves)
+    keep: int = 3                  # newest checkpoints kept
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int = 0
+    name: str = "default"
+    resume: Optional[str] = None   # a run directory to continue (default: this run's directory)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    clouds: CloudsConfig = field(default_factory=CloudsConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_configs() -> None:
+    """Registers the schema that conf/train.yaml extends (name: train_schema)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """OmegaConf (DictConfig) -> typed TrainConfig; a plain TrainConfig passes through."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def model_spec(cfg: TrainConfig, vocab_size: int) -> LlamaSpec:
+    m = cfg.model
+    lora = None
+    if m.lora.enabled:
+        lora = LoRASpec(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                        targets=tuple(m.lora.targets))
+    return llama_spec(m.size, vocab_size, lora=lora, d_model=m.d_model, n_layers=m.n_layers,
+                      n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim,
+                      head_dim=m.head_dim, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+                      qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings,
+                      param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {choices}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks values and combinations; raises ConfigError naming the key. Touches no device."""
+    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _one_of(cfg.model.family, "model.family", ("llama",))
+    try:
+        check_spec(model_spec(cfg, cfg.data.vocab_size))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    d = cfg.data
+    _one_of(d.source, "data.source", ("chatterbot", "jsonl"))
+    if d.source == "jsonl":
+        _require(bool(d.path), "data.path", "data.source=jsonl needs data.path=FILE.jsonl")
+    _require(d.seq_len >= 4, "data.seq_len", f"must be >= 4, got {d.seq_len}")
+    _require(d.vocab_size >= 300, "data.vocab_size",
+             f"must be >= 300 (256 bytes + special tokens), got {d.vocab_size}")
+    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+    _require(d.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
+
+    p = cfg.partition
+    _one_of(p.kind, "partition.kind", ("natural", "dirichlet", "iid"))
+    if p.kind == "dirichlet":
+        _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
+
+    members = cfg.clouds.members
+    _require(len(members) >= 1, "clouds.members", "at least one cloud is needed")
+    total_clients = 0
+    with_select = [n for n, c in members.items() if c.select]
+    _require(not with_select or len(with_select) == len(members), "clouds.members",
+             f"either every cloud sets select or none does; only {with_select} do")
+    for name, c in members.items():
+        key = f"clouds.members.{name}"
+        _require(c.clients >= 1, f"{key}.clients", f"must be >= 1, got {c.clients}")
+        _require(0 <= c.clients_per_round <= c.clients, f"{key}.clients_per_round",
+                 f"must be in [0, clients={c.clients}], got {c.clients_per_round}")
+        _require(c.link.bandwidth_mbps > 0, f"{key}.link.bandwidth_mbps", "must be > 0")
+        _require(c.link.latency_ms >= 0, f"{key}.link.latency_ms", "must be >= 0")
+        total_clients += c.clients
+    _require(len(members) <= total_clients, "clouds.members",
+             f"{len(members)} clouds but only {total_clients} clients in total")
+
+    c = cfg.client
+    _require(c.local_steps >= 1, "client.local_steps", f"must be >= 1, got {c.local_steps}")
+    _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
+    _require(c.local_epochs >= 0, "client.local_epochs", f"must be >= 0, got {c.local_epochs}")
+    _one_of(c.optimizer, "client.optimizer", ("adamw", "adam", "sgd"))
+    _require(c.lr > 0, "client.lr", f"must be > 0, got {c.lr}")
+    _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
+    _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
+    _require(c.grad_clip >= 0, "client.grad_clip", f"must be >= 0, got {c.grad_clip}")
+    _one_of(c.backend, "client.backend", ("vmap", "loop"))
+    _require(c.clients_per_chunk >= 0, "client.clients_per_chunk", "must be >= 0 (0 = auto)")
+    _one_of(c.weighting, "client.weighting", ("examples", "uniform"))
+
+    a = cfg.aggregator
+    _one_of(a.name, "aggregator.name", ("fedavg",))
+    _one_of(a.server_optimizer, "aggregator.server_optimizer", ("sgd", "momentum", "adam"))
+    _require(a.server_lr > 0, "aggregator.server_lr", f"must be > 0, got {a.server_lr}")
+
+    r = cfg.run
+    _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
+    _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
+    _require(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+    _one_of(r.on_nonfinite, "run.on_nonfinite", ("drop", "stop"))
+    _require(r.devices >= 0, "run.devices", "must be >= 0 (0 = all)")
+
+    k = cfg.checkpoint
+    _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
+    _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
+    return cfg
