@@ -209,7 +209,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     members = cfg.clouds.members
     _require(len(members) >= 1, "clouds.members", "at least one cloud is needed")
-    total_clients = 0
+    total_clients = sum(c.clients for c in members.values())
+    _require(len(members) <= total_clients, "clouds.members",
+             f"{len(members)} clouds but only {total_clients} clients in total")
     with_select = [n for n, c in members.items() if c.select]
     _require(not with_select or len(with_select) == len(members), "clouds.members",
              f"either every cloud sets select or none does; only {with_select} do")
@@ -220,9 +222,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  f"must be in [0, clients={c.clients}], got {c.clients_per_round}")
         _require(c.link.bandwidth_mbps > 0, f"{key}.link.bandwidth_mbps", "must be > 0")
         _require(c.link.latency_ms >= 0, f"{key}.link.latency_ms", "must be >= 0")
-        total_clients += c.clients
-    _require(len(members) <= total_clients, "clouds.members",
-             f"{len(members)} clouds but only {total_clients} clients in total")
 
     c = cfg.client
     _require(c.local_steps >= 1, "client.local_steps", f"must be >= 1, got {c.local_steps}")

@@ -1,0 +1,165 @@
+"""The jitted compute of one round: every sampled client trains, each cloud reduces its clients.
+
+Clients sit on a padded leading axis laid out as [devices, chunks, clients_per_chunk]. `shard_map`
+gives each device its slice of clients; each device runs a `lax.scan` over its chunks, vmaps the client
+update inside a chunk and folds the outputs into per-cloud accumulators, so memory is bounded by one
+chunk of client states whatever the cohort size. Accumulators are then summed across devices.
+The frozen (LoRA base) params are one shared, unbatched argument. A loop backend runs the same pieces
+client by client in Python for debugging and as the test reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fedjax_llm.aggregate.base import Reducer
+from fedjax_llm.types import ClientBatches, ClientHParams, ClientOutput, CloudAggregate, Params
+
+AXIS = "clients"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundLayout:
+    """How K clients are padded and laid out: [devices, chunks, chunk]."""
+
+    num_clients: int
+    num_devices: int
+    num_chunks: int
+    chunk: int
+
+    @property
+    def padded(self) -> int:
+        return self.num_devices * self.num_chunks * self.chunk
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_devices, self.num_chunks, self.chunk)
+
+
+def default_chunk(platform: str) -> int:
+    """Clients vmapped together per scan step when the config says auto (0).
+
+    On CPU one client per step keeps activations in cache (measured faster than wide vmaps, see
+    experiments/bench_round.py); accelerators want every client of the device in one step.
+    """
+    return 1 if platform == "cpu" else 0
+
+
+def plan_layout(num_clients: int, num_devices: int, clients_per_chunk: int) -> RoundLayout:
+    """Pads K to devices x chunks x chunk; clients_per_chunk 0 means all of a device's clients."""
+    per_device = max(1, math.ceil(num_clients / num_devices))
+    chunk = per_device if clients_per_chunk <= 0 else min(clients_per_chunk, per_device)
+    return RoundLayout(num_clients, num_devices, math.ceil(per_device / chunk), chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+    """Host-prepared, padded per-client inputs of a round (numpy), leading axis = padded K."""
+
+    batches: ClientBatches   # [Kp, S, B, T] / [Kp, S]
+    keys: np.ndarray         # [Kp, 2] uint32 raw PRNG key data
+    weights: np.ndarray      # [Kp] float32, 0 for padding and absent clients
+    onehot: np.ndarray       # [Kp, C] float32 cloud membership
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    clouds: CloudAggregate   # leading axis C
+    loss_sum: jax.Array      # [Kp] per client
+    tokens: jax.Array        # [Kp]
+    finite: jax.Array        # [Kp] bool
+
+
+def sanitize(out: ClientOutput) -> ClientOutput:
+    """Zeroes the weight and delta of non-finite clients so NaN cannot reach any sum."""
+    ok = out.finite & (out.weight > 0)
+    keep = lambda x: jnp.where(ok.reshape(ok.shape + (1,) * (x.ndim - ok.ndim)), x, 0)
+    return out.replace(delta=jax.tree.map(keep, out.delta), weight=jnp.where(ok, out.weight, 0.0),
+                       loss_sum=jnp.where(ok, out.loss_sum, 0.0), tokens=jnp.where(ok, out.tokens, 0.0))
+
+
+def _to_layout(x: Any, layout: RoundLayout) -> Any:
+    return jax.tree.map(lambda a: a.reshape(layout.shape + a.shape[1:]), x)
+
+
+def make_round_compute(local_update: Callable[..., ClientOutput], reducer: Reducer, num_clouds: int,
+                       mesh: Mesh, layout: RoundLayout) -> Callable[..., RoundResult]:
+    """Returns jit(trainable, frozen, inputs: RoundInputs, hparams) -> RoundResult."""
+    client_axes = (None, None, 0, 0, None, 0)
+    vmapped = jax.vmap(local_update, in_axes=client_axes)
+
+    def per_device(trainable, frozen, batches, keys, weights, onehot, hparams):
+        # Local shapes: [1, chunks, chunk, ...]; scan over chunks, vmap inside a chunk.
+        drop = lambda t: jax.tree.map(lambda a: a[0], t)
+        batches, keys, weights, onehot = drop((batches, keys, weights, onehot))
+        acc0 = reducer.init(trainable, num_clouds)
+
+        def chunk_step(acc, xs):
+            b, k, w, oh = xs
+            out = sanitize(vmapped(trainable, frozen, b, jax.random.wrap_key_data(k), hparams, w))
+            return reducer.accumulate(acc, out, oh), (out.loss_sum, out.tokens, out.finite)
+
+        acc, (loss_sum, tokens, finite) = jax.lax.scan(chunk_step, acc0, (batches, keys, weights, onehot))
+        acc = reducer.combine(acc, AXIS)
+        return acc, loss_sum[None], tokens[None], finite[None]
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
+        out_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
+
+    @jax.jit
+    def compute(trainable: Params, frozen: Params, inputs: RoundInputs, hparams: ClientHParams):
+        laid = _to_layout((inputs.batches, inputs.keys, inputs.weights, inputs.onehot), layout)
+        acc, loss_sum, tokens, finite = sharded(trainable, frozen, *laid, hparams)
+        flat = lambda a: a.reshape(-1)
+        return RoundResult(clouds=reducer.finalize(acc), loss_sum=flat(loss_sum),
+                           tokens=flat(tokens), finite=flat(finite))
+
+    return compute
+
+
+def input_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of the padded client axis across the mesh."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+class ClientStageError(RuntimeError):
+    """A failure inside one client's work, naming the round, cloud, client and stage."""
+
+
+def make_loop_compute(local_update: Callable[..., ClientOutput], reducer: Reducer, num_clouds: int,
+                      describe: Callable[[int], str]) -> Callable[..., RoundResult]:
+    """Client-by-client reference: jitted single-client update, host loop, same reducer."""
+    update = jax.jit(local_update)
+    accumulate = jax.jit(reducer.accumulate)
+    add_axis = lambda t: jax.tree.map(lambda a: jnp.asarray(a)[None], t)
+
+    def compute(trainable, frozen, inputs: RoundInputs, hparams, round_index: int = -1):
+        acc = reducer.init(trainable, num_clouds)
+        losses, tokens, finite = [], [], []
+        for i in range(inputs.weights.shape[0]):
+            stage = "local_update"
+            try:
+                batch = jax.tree.map(lambda a: a[i], inputs.batches)
+                key = jax.random.wrap_key_data(jnp.asarray(inputs.keys[i]))
+                out = update(trainable, frozen, batch, key, hparams, inputs.weights[i])
+                stage = "reduce"
+                out = jax.tree.map(lambda a: a[0], sanitize(add_axis(out)))
+                acc = accumulate(acc, add_axis(out), jnp.asarray(inputs.onehot[i:i + 1]))
+            except Exception as e:  # re-raised with the place it happened
+                raise ClientStageError(f"round {round_index}, {describe(i)}: stage {stage} failed: "
+                                       f"{type(e).__name__}: {e}") from e
+            losses.append(out.loss_sum)
+            tokens.append(out.tokens)
+            finite.append(out.finite)
+        return RoundResult(clouds=reducer.finalize(acc), loss_sum=jnp.stack(losses),
+                           tokens=jnp.stack(tokens), finite=jnp.stack(finite))
+
+    return compute

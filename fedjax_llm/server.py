@@ -1,0 +1,252 @@
+"""The federation: one readable round over explicit state.
+
+`Federation` holds what is fixed for a run (data, model functions, frozen params, compiled round,
+aggregator, channel, links); `ServerState` holds everything that changes, so `run_round(state)` is a
+function of its argument and a checkpoint of the state resumes exactly. One round:
+
+    key -> (sample, clients)          cohort = sample per cloud; batches from per-client data cursors
+    downlink  global params -> bytes -> each cloud          (the cloud boundary: channel.send/receive)
+    compute   vmapped clients, per-cloud reduction          (one jit, sharded over devices)
+    uplink    each cloud's aggregate -> bytes -> aggregator
+    server    aggregator.update over clouds + server optimizer (one jit)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from fedjax_llm.aggregate.base import Aggregator, Reducer, weighted_mean_reducer
+from fedjax_llm.aggregate.fedavg import make_aggregator, server_optimizer
+from fedjax_llm.client import client_optimizer, make_local_update
+from fedjax_llm.clouds.channel import Channel, plaintext_channel
+from fedjax_llm.clouds.link import Link
+from fedjax_llm.clouds.message import MessageError
+from fedjax_llm.config import TrainConfig, model_spec
+from fedjax_llm.data.federated import FederatedData, round_batches
+from fedjax_llm.evaluate import Evaluator
+from fedjax_llm.models.params import init_model
+from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
+                              make_round_compute, plan_layout)
+from fedjax_llm.types import ClientBatches, ClientHParams, CloudAggregate
+
+log = logging.getLogger(__name__)
+AGGREGATOR = "aggregator"
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf update or model under run.on_nonfinite=stop; the global model was not changed."""
+
+
+@struct.dataclass
+class ServerState:
+    """Everything that changes between rounds; checkpointed as a whole."""
+
+    round: jax.Array          # rounds completed, int32
+    params: Any               # global trainable params
+    opt_state: Any            # server optimizer state
+    agg_state: Any            # aggregator state
+    key: jax.Array            # uint32[2] raw PRNG key, split every round
+    data_cursors: np.ndarray  # [P] int64 examples consumed per client
+    data_seed: np.ndarray     # uint32 scalar, fixes each client's per-epoch shuffles
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    devices = jax.devices()
+    n = num_devices or len(devices)
+    if n > len(devices):
+        raise ValueError(f"run.devices: asked for {n} devices, only {len(devices)} available")
+    return Mesh(np.array(devices[:n]), (AXIS,))
+
+
+class Federation:
+    """Fixed pieces of a run plus `init_state` and `run_round`."""
+
+    def __init__(self, cfg: TrainConfig, data: FederatedData, *, mesh: Optional[Mesh] = None,
+                 channel: Optional[Channel] = None, aggregator: Optional[Aggregator] = None,
+                 reducer: Optional[Reducer] = None):
+        self.cfg, self.data = cfg, data
+        self.mesh = mesh or make_mesh(cfg.run.devices)
+        self.channel = channel or plaintext_channel()
+        self.aggregator = aggregator or make_aggregator(cfg.aggregator)
+        self.reducer = reducer or weighted_mean_reducer()
+        self.server_opt = server_optimizer(cfg.aggregator)
+        self.cloud_names = list(data.cloud_names)
+        self.links = [Link.from_config(cfg.clouds.members[n].link) for n in self.cloud_names]
+        self.spec = model_spec(cfg, data.vocab_size)
+        self.k_model, self.k_data, self.k_run = jax.random.split(jax.random.key(cfg.seed), 3)
+        self.fns, self._init_params, self.frozen = init_model(self.spec, self.k_model)
+        self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
+        self.num_train = data.num_train_examples()
+        self.cohort_size = sum(self._per_round(n) for n in self.cloud_names)
+        platform = self.mesh.devices.flat[0].platform
+        chunk = cfg.client.clients_per_chunk or default_chunk(platform)
+        self.layout = plan_layout(self.cohort_size, self.mesh.size, chunk)
+        local_update = make_local_update(self.fns.apply, client_optimizer(cfg.client))
+        C = len(self.cloud_names)
+        if cfg.client.backend == "loop":
+            self._compute = make_loop_compute(local_update, self.reducer, C, self._describe_slot)
+        else:
+            self._compute = make_round_compute(local_update, self.reducer, C, self.mesh, self.layout)
+        self._server_step = jax.jit(self._server_step_fn)
+        self.evaluator = Evaluator(self.fns.apply, data, cfg.data.max_eval_examples,
+                                   cfg.run.eval_batch_size)
+        self._cohort: np.ndarray = np.zeros(0, np.int64)
+
+    # ----- state -----------------------------------------------------------------------------
+    def init_state(self) -> ServerState:
+        params = self._init_params
+        data_seed = np.asarray(jax.random.bits(self.k_data, dtype=jnp.uint32))
+        return ServerState(round=jnp.int32(0), params=params, opt_state=self.server_opt.init(params),
+                           agg_state=self.aggregator.init(params),
+                           key=jax.random.key_data(self.k_run),
+                           data_cursors=np.zeros(self.data.num_clients, np.int64), data_seed=data_seed)
+
+    # ----- one round -------------------------------------------------------------------------
+    def _per_round(self, cloud: str) -> int:
+        c = self.cfg.clouds.members[cloud]
+        return c.clients_per_round or c.clients
+
+    def sample_cohort(self, key: jax.Array) -> np.ndarray:
+        """Client ids taking part this round: per cloud, all or a uniform sample without replacement."""
+        ids = []
+        for c, name in enumerate(self.cloud_names):
+            members = np.flatnonzero(self.data.client_cloud == c)
+            m = self._per_round(name)
+            if m < len(members):
+                pick = jax.random.choice(jax.random.fold_in(key, c), len(members), (m,), replace=False)
+                members = np.sort(members[np.asarray(pick)])
+            ids.append(members)
+        return np.concatenate(ids).astype(np.int64)
+
+    def _describe_slot(self, i: int) -> str:
+        if i >= len(self._cohort):
+            return f"padding slot {i}"
+        cid = int(self._cohort[i])
+        return (f"cloud {self.cloud_names[self.data.client_cloud[cid]]!r}, "
+                f"client {cid} ({self.data.client_names[cid]})")
+
+    def _round_inputs(self, state: ServerState, cohort: np.ndarray, k_clients: jax.Array,
+                      received: np.ndarray):
+        cfg = self.cfg.client
+        rb = round_batches(self.data, cohort, state.data_cursors, cfg.local_steps, cfg.batch_size,
+                           int(state.data_seed), cfg.local_epochs)
+        K, Kp = len(cohort), self.layout.padded
+        cloud_of = self.data.client_cloud[cohort]
+        weights = (self.num_train[cohort] if cfg.weighting == "examples" else np.ones(K))
+        weights = weights.astype(np.float32) * received[cloud_of]
+        keys = np.asarray(jax.random.key_data(jax.random.split(k_clients, self.data.num_clients)))
+        onehot = np.eye(len(self.cloud_names), dtype=np.float32)[cloud_of]
+        pad = lambda a: np.concatenate([a, np.zeros((Kp - K,) + a.shape[1:], a.dtype)])
+        step_mask = rb.step_mask & received[cloud_of][:, None]
+        batches = ClientBatches(tokens=pad(rb.tokens), loss_mask=pad(rb.loss_mask), step_mask=pad(step_mask))
+        inputs = RoundInputs(batches=batches, keys=pad(keys[cohort]), weights=pad(weights), onehot=pad(onehot))
+        return inputs, rb.cursors
+
+    def _server_step_fn(self, params, opt_state, agg_state, deltas_C, weights_C):
+        update, agg_state = self.aggregator.update(deltas_C, weights_C, agg_state, params)
+        pseudo_grad = jax.tree.map(jnp.negative, update)
+        updates, opt_state = self.server_opt.update(pseudo_grad, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+        return new_params, opt_state, agg_state, optax.global_norm(update), finite
+
+    def _hop(self, tree, like, sender: str, recipient: str, rnd: int, link: Link):
+        """Send one tree across the boundary; returns (tree or None, bytes, seconds, error)."""
+        data = self.channel.send(tree, sender=sender, recipient=recipient, round=rnd)
+        try:
+            out, _ = self.channel.receive(data, like=like, sender=sender, recipient=recipient, round=rnd)
+            return out, len(data), link.transfer_seconds(len(data)), None
+        except MessageError as e:
+            log.warning("round %d: message %s -> %s rejected: %s", rnd, sender, recipient, e)
+            return None, len(data), link.transfer_seconds(len(data)), f"{type(e).__name__}: {e}"
+
+    def run_round(self, state: ServerState) -> tuple[ServerState, dict]:
+        """One federated round; returns the new state and this round's metrics."""
+        t0 = time.perf_counter()
+        rnd = int(state.round) + 1
+        key, k_sample, k_clients = jax.random.split(jax.random.wrap_key_data(state.key), 3)
+        cohort = self.sample_cohort(k_sample)
+        self._cohort = cohort
+        C = len(self.cloud_names)
+        clouds = [dict(bytes_down=0, bytes_up=0, comm_s=0.0, error=None) for _ in range(C)]
+
+        # Downlink: the global model crosses into every cloud.
+        received = np.ones(C, np.float32)
+        params_in = state.params
+        for c, name in enumerate(self.cloud_names):
+            tree, nbytes, secs, err = self._hop(state.params, state.params, AGGREGATOR, name, rnd,
+                                                self.links[c])
+            clouds[c].update(bytes_down=nbytes, comm_s=secs, error=err)
+            received[c] = tree is not None
+            if tree is not None and c == 0:
+                params_in = tree  # every cloud decodes the same bytes; one copy feeds the compute
+
+        inputs, cursors = self._round_inputs(state, cohort, k_clients, received)
+        if self.cfg.client.backend == "loop":
+            result = self._compute(state.params if params_in is None else params_in, self.frozen,
+                                   inputs, self.hparams, rnd)
+        else:
+            inputs = jax.device_put(inputs, input_sharding(self.mesh))
+            result = self._compute(params_in, self.frozen, inputs, self.hparams)
+        K = len(cohort)
+        finite = np.asarray(result.finite)[:K]
+        bad = [self._describe_slot(i) for i in np.flatnonzero(~finite & (np.asarray(inputs.weights)[:K] > 0))]
+        if bad and self.cfg.run.on_nonfinite == "stop":
+            raise NonFiniteError(f"round {rnd}: non-finite update or loss from {'; '.join(bad)} "
+                                 f"(run.on_nonfinite=stop; the global model is unchanged)")
+
+        # Uplink: each cloud's aggregate crosses to the global aggregator.
+        agg = jax.device_get(result.clouds)
+        like = jax.tree.map(lambda a: a[0], agg)
+        rows = []
+        for c, name in enumerate(self.cloud_names):
+            tree = jax.tree.map(lambda a: a[c], agg)
+            if not received[c]:
+                rows.append(tree.replace(weight=np.float32(0)))
+                continue
+            got, nbytes, secs, err = self._hop(tree, like, name, AGGREGATOR, rnd, self.links[c])
+            clouds[c]["bytes_up"], clouds[c]["error"] = nbytes, err or clouds[c]["error"]
+            clouds[c]["comm_s"] += secs
+            rows.append(got if got is not None else tree.replace(weight=np.float32(0)))
+        stacked: CloudAggregate = jax.tree.map(lambda *a: np.stack(a), *rows)
+
+        new_params, opt_state, agg_state, update_norm, ok = self._server_step(
+            state.params, state.opt_state, state.agg_state, stacked.delta, stacked.weight)
+        if not bool(ok):
+            raise NonFiniteError(f"round {rnd}: the aggregated global model is not finite "
+                                 f"(update norm {float(update_norm)}); it was not applied")
+        new_state = state.replace(round=jnp.int32(rnd), params=new_params, opt_state=opt_state,
+                                  agg_state=agg_state, key=jax.random.key_data(key), data_cursors=cursors)
+        metrics = self._round_metrics(rnd, stacked, clouds, bad, float(update_norm),
+                                      time.perf_counter() - t0)
+        return new_state, metrics
+
+    def _round_metrics(self, rnd, stacked, clouds, bad, update_norm, wall_s) -> dict:
+        loss_sum, tokens = np.asarray(stacked.loss_sum), np.asarray(stacked.tokens)
+        per_cloud = {}
+        for c, name in enumerate(self.cloud_names):
+            per_cloud[name] = dict(
+                train_loss=float(loss_sum[c] / tokens[c]) if tokens[c] > 0 else None,
+                clients=int(stacked.clients[c]), weight=float(stacked.weight[c]),
+                bytes_up=clouds[c]["bytes_up"], bytes_down=clouds[c]["bytes_down"],
+                comm_s=clouds[c]["comm_s"], error=clouds[c]["error"])
+        total_tokens = float(tokens.sum())
+        return dict(
+            round=rnd, train_loss=float(loss_sum.sum() / total_tokens) if total_tokens else None,
+            tokens=total_tokens, tokens_per_s=total_tokens / wall_s, wall_s=wall_s,
+            comm_s=max(c["comm_s"] for c in clouds), update_norm=update_norm,
+            clients=int(stacked.clients.sum()), nonfinite_dropped=len(bad), nonfinite_clients=bad,
+            clouds=per_cloud)
+
+    def evaluate(self, state: ServerState) -> dict:
+        """Eval loss and perplexity of the global model, global and per cloud."""
+        return self.evaluator(state.params, self.frozen, self.cloud_names)
