@@ -16,6 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_llm.aggregate.base import Reducer
@@ -58,7 +59,7 @@ def plan_layout(num_clients: int, num_devices: int, clients_per_chunk: int) -> R
     return RoundLayout(num_clients, num_devices, math.ceil(per_device / chunk), chunk)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class RoundInputs:
     """Host-prepared, padded per-client inputs of a round (numpy), leading axis = padded K."""
 
@@ -68,7 +69,7 @@ class RoundInputs:
     onehot: np.ndarray       # [Kp, C] float32 cloud membership
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class RoundResult:
     clouds: CloudAggregate   # leading axis C
     loss_sum: jax.Array      # [Kp] per client

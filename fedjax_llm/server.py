@@ -146,7 +146,7 @@ class Federation:
         keys = np.asarray(jax.random.key_data(jax.random.split(k_clients, self.data.num_clients)))
         onehot = np.eye(len(self.cloud_names), dtype=np.float32)[cloud_of]
         pad = lambda a: np.concatenate([a, np.zeros((Kp - K,) + a.shape[1:], a.dtype)])
-        step_mask = rb.step_mask & received[cloud_of][:, None]
+        step_mask = rb.step_mask & (received[cloud_of] > 0)[:, None]
         batches = ClientBatches(tokens=pad(rb.tokens), loss_mask=pad(rb.loss_mask), step_mask=pad(step_mask))
         inputs = RoundInputs(batches=batches, keys=pad(keys[cohort]), weights=pad(weights), onehot=pad(onehot))
         return inputs, rb.cursors

@@ -34,6 +34,9 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
     validate(cfg)  # before any data work or compilation
     import jax  # deferred: a bad config fails without touching devices
 
+    for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
     from fedjax_llm.checkpoint import Checkpointer, tree_digest
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.metrics import MetricsLog, write_json
