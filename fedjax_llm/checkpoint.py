@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -41,8 +42,9 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def _all_finite(tree: Any) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x))))
-               for x in jax.tree.leaves(tree) if np.issubdtype(np.asarray(x).dtype, np.inexact))
+    leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(tree)]
+    return all(bool(np.all(np.isfinite(a.astype(np.float32))))
+               for a in leaves if jnp.issubdtype(a.dtype, jnp.inexact))  # bf16 included
 
 
 class Checkpointer:
