@@ -52,10 +52,10 @@ class DataConfig:
     languages: List[str] = field(default_factory=list)   # chatterbot: empty = every language
     categories: List[str] = field(default_factory=list)  # chatterbot: empty = every category
     seq_len: int = 64              # tokens per example, prompt + response (padded / truncated)
-    vocab_size: int = 2048         # byte-level BPE vocabulary trained on the training split
+    vocab_size: int = 1024         # byte-level BPE vocabulary trained on the training split
     tokenizer_cache: str = "~/.cache/fedjax_llm/tokenizers"
     eval_fraction: float = 0.1     # held out per client; the global eval set is their union
-    max_eval_examples: int = 2048  # cap on the global eval set (0 = no cap); per cloud likewise
+    max_eval_examples: int = 128   # cap on the global eval set (0 = no cap); per cloud likewise
 
 
 @dataclasses.dataclass
@@ -88,11 +88,11 @@ class CloudsConfig:
 
 @dataclasses.dataclass
 class ClientConfig:
-    local_steps: int = 8           # S: optimizer steps per client per round
+    local_steps: int = 4           # S: optimizer steps per client per round
     batch_size: int = 16           # B: examples per step
     local_epochs: float = 0.0      # > 0: min(local_steps, ceil(local_epochs * n / B)) steps, rest masked
     optimizer: str = "adamw"       # adamw | adam | sgd (client optimizer, from optax)
-    lr: float = 3e-3
+    lr: float = 1.5e-3
     momentum: float = 0.0          # sgd only
     weight_decay: float = 0.0
     grad_clip: float = 1.0         # global-norm clip per step (0 = off)
@@ -114,7 +114,7 @@ class AggregatorConfig:
 
 @dataclasses.dataclass
 class RunConfig:
-    rounds: int = 20
+    rounds: int = 18
     eval_every: int = 1            # rounds between evaluations (the last round always evaluates)
     eval_batch_size: int = 64
     on_nonfinite: str = "drop"     # drop: NaN/Inf clients are excluded and counted | stop

@@ -158,7 +158,8 @@ def make_loop_compute(local_update: Callable[..., ClientOutput], reducer: Reduce
             try:
                 batch = jax.tree.map(lambda a: a[i], inputs.batches)
                 key = jax.random.wrap_key_data(jnp.asarray(inputs.keys[i]))
-                out = update(trainable, frozen, batch, key, hparams, inputs.weights[i])
+                # Blocking here attributes asynchronous device errors to this client.
+                out = jax.block_until_ready(update(trainable, frozen, batch, key, hparams, inputs.weights[i]))
                 stage = "reduce"
                 out = jax.tree.map(lambda a: a[0], sanitize(add_axis(out)))
                 acc = accumulate(acc, add_axis(out), jnp.asarray(inputs.onehot[i:i + 1]))

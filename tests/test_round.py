@@ -230,3 +230,38 @@ def test_sampled_cohort_is_per_cloud_and_keyed(cfg, data):
     assert seen == set(range(9))
     state, m = fed.run_round(fed.init_state())
     assert m["clients"] == 6
+
+
+def test_loop_backend_names_the_failing_client_and_stage(cfg, data):
+    """A client whose local training fails at run time is named with its cloud, id and stage."""
+    from fedjax_llm import round as round_mod
+
+    fed = Federation(_with(cfg, client=dict(backend="loop")), data)
+    target = float(fed.num_train[5])
+
+    def fail_on_weight(w):
+        if float(w) == target:
+            raise RuntimeError("disk quota exceeded while reading shard")
+        return np.float32(0)
+
+    from fedjax_llm.client import client_optimizer, make_local_update
+    base = make_local_update(fed.fns.apply, client_optimizer(fed.cfg.client))
+
+    def flaky(trainable, frozen, batches, key, hparams, weight):
+        out = base(trainable, frozen, batches, key, hparams, weight)
+        bump = jax.pure_callback(fail_on_weight, jax.ShapeDtypeStruct((), np.float32), weight)
+        return out.replace(loss_sum=out.loss_sum + bump)
+
+    fed._compute = round_mod.make_loop_compute(flaky, fed.reducer, 3, fed._describe_slot)
+    with pytest.raises(round_mod.ClientStageError,
+                       match=rf"round 1, cloud '\w+', client 5 \({data.client_names[5]}\): stage local_update"):
+        fed.run_round(fed.init_state())
+
+
+def test_bf16_params_train_and_stay_bf16(cfg, data):
+    fed = Federation(_with(cfg, model=dict(param_dtype="bfloat16", compute_dtype="bfloat16")), data)
+    state, m = fed.run_round(fed.init_state())
+    leaves = jax.tree.leaves(state.params)
+    assert all(x.dtype == jnp.bfloat16 for x in leaves)
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in leaves)
+    assert m["nonfinite_dropped"] == 0 and np.isfinite(m["train_loss"])
