@@ -55,7 +55,7 @@ class DataConfig:
     vocab_size: int = 1024         # byte-level BPE vocabulary trained on the training split
     tokenizer_cache: str = "~/.cache/fedjax_llm/tokenizers"
     eval_fraction: float = 0.1     # held out per client; the global eval set is their union
-    max_eval_examples: int = 128   # cap on the global eval set (0 = no cap); per cloud likewise
+    max_eval_examples: int = 128   # eval examples per cloud (0 = all); the global set is their union
 
 
 @dataclasses.dataclass

@@ -157,7 +157,7 @@ class Federation:
         updates, opt_state = self.server_opt.update(pseudo_grad, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
-        return new_params, opt_state, agg_state, optax.global_norm(update), finite
+        return new_params, opt_state, agg_state, optax.tree.norm(update), finite
 
     def _hop(self, tree, like, sender: str, recipient: str, rnd: int, link: Link):
         """Send one tree across the boundary; returns (tree or None, bytes, seconds, error)."""

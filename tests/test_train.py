@@ -80,6 +80,7 @@ def test_run_writes_config_metrics_summary_and_checkpoints(tmp_path, env, base_a
     assert Checkpointer(os.path.join(run_dir, "checkpoints"), 1, 3, 3).steps() == [3, 2, 1]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, env, base_args):
     rounds = 6
     args = base_args + [f"run.rounds={rounds}"]
@@ -118,6 +119,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, env, base_args):
     assert [_strip(r) for r in _records(straight)] == [_strip(r) for r in _records(killed)]
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_seeds(tmp_path, env, base_args):
     sweep = str(tmp_path / "sweep")
     proc = _run(["-m"] + base_args + ["run.rounds=1", "seed=0,1", f"hydra.sweep.dir={sweep}",
