@@ -12,7 +12,8 @@ from fedjax_llm.client import token_nll
 from fedjax_llm.data.federated import FederatedData, eval_batches
 
 
-def _ppl(loss: float | None) -> float | None:
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean token loss), capped at exp(50) so a diverged model still logs a number."""
     return None if loss is None else float(math.exp(min(loss, 50.0)))
 
 
@@ -50,6 +51,6 @@ class Evaluator:
             sel = self.cloud_of == c
             n = float(ntok[sel].sum())
             value = float(loss[sel].sum() / n) if n else None
-            clouds[name] = dict(eval_loss=value, eval_ppl=_ppl(value))
+            clouds[name] = dict(eval_loss=value, eval_ppl=perplexity(value))
         total = float(loss.sum() / max(ntok.sum(), 1.0))
-        return dict(eval_loss=total, eval_ppl=_ppl(total), clouds=clouds)
+        return dict(eval_loss=total, eval_ppl=perplexity(total), clouds=clouds)

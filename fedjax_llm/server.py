@@ -32,7 +32,7 @@ from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.message import MessageError
 from fedjax_llm.config import TrainConfig, model_spec
 from fedjax_llm.data.federated import FederatedData, round_batches
-from fedjax_llm.evaluate import Evaluator
+from fedjax_llm.evaluate import Evaluator, perplexity
 from fedjax_llm.models.params import init_model
 from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
                               make_round_compute, plan_layout)
@@ -83,7 +83,7 @@ class Federation:
         self.links = [Link.from_config(cfg.clouds.members[n].link) for n in self.cloud_names]
         self.spec = model_spec(cfg, data.vocab_size)
         self.k_model, self.k_data, self.k_run = jax.random.split(jax.random.key(cfg.seed), 3)
-        self.fns, self._init_params, self.frozen = init_model(self.spec, self.k_model)
+        self.fns, self.init_params, self.frozen = init_model(self.spec, self.k_model)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
         self.cohort_size = sum(self._per_round(n) for n in self.cloud_names)
@@ -103,7 +103,7 @@ class Federation:
 
     # ----- state -----------------------------------------------------------------------------
     def init_state(self) -> ServerState:
-        params = self._init_params
+        params = self.init_params
         data_seed = np.asarray(jax.random.bits(self.k_data, dtype=jnp.uint32))
         return ServerState(round=jnp.int32(0), params=params, opt_state=self.server_opt.init(params),
                            agg_state=self.aggregator.init(params),
@@ -234,14 +234,16 @@ class Federation:
         loss_sum, tokens = np.asarray(stacked.loss_sum), np.asarray(stacked.tokens)
         per_cloud = {}
         for c, name in enumerate(self.cloud_names):
+            train_loss = float(loss_sum[c] / tokens[c]) if tokens[c] > 0 else None
             per_cloud[name] = dict(
-                train_loss=float(loss_sum[c] / tokens[c]) if tokens[c] > 0 else None,
+                train_loss=train_loss, train_ppl=perplexity(train_loss),
                 clients=int(stacked.clients[c]), weight=float(stacked.weight[c]),
                 bytes_up=clouds[c]["bytes_up"], bytes_down=clouds[c]["bytes_down"],
                 comm_s=clouds[c]["comm_s"], error=clouds[c]["error"])
         total_tokens = float(tokens.sum())
+        train_loss = float(loss_sum.sum() / total_tokens) if total_tokens else None
         return dict(
-            round=rnd, train_loss=float(loss_sum.sum() / total_tokens) if total_tokens else None,
+            round=rnd, train_loss=train_loss, train_ppl=perplexity(train_loss),
             tokens=total_tokens, tokens_per_s=total_tokens / wall_s, wall_s=wall_s,
             comm_s=max(c["comm_s"] for c in clouds), update_norm=update_norm,
             clients=int(stacked.clients.sum()), nonfinite_dropped=len(bad), nonfinite_clients=bad,

@@ -54,7 +54,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
              sum(len(e) for e in data.eval_idx), data.vocab_size, data.num_truncated, data.excluded)
     fed = Federation(cfg, data)
     log.info("model: %d trainable / %d frozen params; cohort %d clients, layout %s on %d %s device(s)",
-             count_params(fed._init_params), count_params(fed.frozen), fed.cohort_size,
+             count_params(fed.init_params), count_params(fed.frozen), fed.cohort_size,
              fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform)
 
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))

@@ -265,3 +265,45 @@ def test_bf16_params_train_and_stay_bf16(cfg, data):
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in leaves)
     assert m["nonfinite_dropped"] == 0 and np.isfinite(m["train_loss"])
+
+
+def test_rejected_uplink_drops_that_cloud_and_equals_fedavg_of_the_rest(cfg, data):
+    """The cloud boundary: a message the aggregator cannot open leaves its cloud out of the round."""
+    from fedjax_llm.clouds.channel import Channel, plaintext_channel
+    from fedjax_llm.clouds.message import MessageError
+
+    plain = plaintext_channel()
+
+    def receive(data_bytes, *, like, sender, recipient, round):
+        if sender == "europe":
+            raise MessageError("payload tag mismatch (simulated tampering)")
+        return plain.receive(data_bytes, like=like, sender=sender, recipient=recipient, round=round)
+
+    fed = Federation(cfg, data, channel=Channel(send=plain.send, receive=receive))
+    state = fed.init_state()
+    new_state, m = fed.run_round(state)
+    assert "tampering" in m["clouds"]["europe"]["error"]
+    assert m["clouds"]["americas"]["error"] is None
+    # Reference: the same round with europe's clients weighted 0.
+    clean = Federation(cfg, data)
+    clean.num_train = clean.num_train.copy()
+    clean.num_train[data.client_cloud == fed.cloud_names.index("europe")] = 0
+    ref, _ = clean.run_round(state)
+    _assert_trees_close(new_state.params, ref.params, atol=1e-6)
+
+
+def test_rejected_downlink_keeps_that_cloud_out_of_training(cfg, data):
+    from fedjax_llm.clouds.channel import Channel, plaintext_channel
+    from fedjax_llm.clouds.message import MessageError
+
+    plain = plaintext_channel()
+
+    def receive(data_bytes, *, like, sender, recipient, round):
+        if recipient == "asia":
+            raise MessageError("wrong recipient key (simulated)")
+        return plain.receive(data_bytes, like=like, sender=sender, recipient=recipient, round=round)
+
+    fed = Federation(cfg, data, channel=Channel(send=plain.send, receive=receive))
+    _, m = fed.run_round(fed.init_state())
+    assert m["clouds"]["asia"]["clients"] == 0 and m["clouds"]["asia"]["bytes_up"] == 0
+    assert m["clients"] == 6 and "recipient" in m["clouds"]["asia"]["error"]
