@@ -32,7 +32,6 @@ import optax
 from fedjax_llm import config as C
 from fedjax_llm.client import client_optimizer, make_loss_fn
 from fedjax_llm.data.federated import FederatedData
-from fedjax_llm.models.params import init_model
 from fedjax_llm.server import Federation
 
 WORKLOADS = {

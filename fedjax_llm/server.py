@@ -12,7 +12,6 @@ function of its argument and a checkpoint of the state resumes exactly. One roun
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any, Optional

@@ -1,5 +1,4 @@
 """Shared fixtures: Hydra composition of conf/ and a per-session tokenizer cache."""
-import os
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -3,7 +3,6 @@ import glob
 import os
 
 import pytest
-from omegaconf.errors import ConfigKeyError, ValidationError
 from hydra.errors import ConfigCompositionException
 
 from fedjax_llm.config import ConfigError, TrainConfig, validate

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fedjax_llm.config import CloudConfig, CloudsConfig, DataConfig, PartitionConfig
-from fedjax_llm.data import corpus, federated, partition, tokenizer as tok_mod
+from fedjax_llm.data import corpus, federated, tokenizer as tok_mod
 from fedjax_llm.data import (BOS, EOS, PAD, SEP, Example, FederatedData, build_federated_data, encode_examples,
                              eval_batches, load_chatterbot, load_jsonl, load_or_train_tokenizer,
                              partition_dirichlet, partition_iid, partition_natural, round_batches, split_eval)

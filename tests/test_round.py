@@ -1,4 +1,6 @@
 """The round engine against independent references: per-client training loops and NumPy FedAvg."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,6 @@ def fed(cfg, data):
 
 def _with(cfg, **sections):
     """A copy of cfg with some fields of some sections replaced."""
-    import dataclasses
     out = cfg
     for section, fields in sections.items():
         out = dataclasses.replace(out, **{section: dataclasses.replace(getattr(out, section), **fields)})
@@ -157,7 +158,6 @@ def test_bytes_and_simulated_comm_time_follow_the_link_model(fed):
 
 def _poisoned(data, client: int):
     """Data whose client `client` has NaN loss weights: its loss and update become NaN."""
-    import dataclasses
     mask = data.loss_mask.copy()
     mask[data.train_idx[client]] = np.nan
     return dataclasses.replace(data, loss_mask=mask)
@@ -188,7 +188,8 @@ def test_nonfinite_client_stops_the_run_when_configured(cfg, data):
 
 
 def test_lora_round_leaves_frozen_base_untouched(cfg, data):
-    lora_cfg = _with(cfg, model=dict(lora=dataclasses_replace_lora(cfg)))
+    lora = dataclasses.replace(cfg.model.lora, enabled=True, rank=4, targets=["q_proj", "v_proj"])
+    lora_cfg = _with(cfg, model=dict(lora=lora))
     fed = Federation(lora_cfg, data)
     frozen_before = jax.tree.map(np.asarray, fed.frozen)
     state = fed.init_state()
@@ -203,23 +204,16 @@ def test_lora_round_leaves_frozen_base_untouched(cfg, data):
     _assert_trees_close(new_state.params, reference_round(fed, state), atol=1e-5)
 
 
-def dataclasses_replace_lora(cfg):
-    import dataclasses
-    return dataclasses.replace(cfg.model.lora, enabled=True, rank=4, targets=["q_proj", "v_proj"])
-
-
 def _paths(tree):
     from fedjax_llm.clouds.message import leaf_paths
     return leaf_paths(tree)
 
 
 def test_sampled_cohort_is_per_cloud_and_keyed(cfg, data):
-    members = {n: dict(c.__dict__) for n, c in cfg.clouds.members.items()}
-    import dataclasses
     clouds = dataclasses.replace(cfg.clouds, members={
         n: dataclasses.replace(c, clients_per_round=2) for n, c in cfg.clouds.members.items()})
     fed = Federation(dataclasses.replace(cfg, clouds=clouds), data)
-    assert fed.cohort_size == 6 and members
+    assert fed.cohort_size == 6
     seen = set()
     for r in range(20):
         cohort = fed.sample_cohort(jax.random.key(r))
@@ -267,19 +261,26 @@ def test_bf16_params_train_and_stay_bf16(cfg, data):
     assert m["nonfinite_dropped"] == 0 and np.isfinite(m["train_loss"])
 
 
-def test_rejected_uplink_drops_that_cloud_and_equals_fedavg_of_the_rest(cfg, data):
-    """The cloud boundary: a message the aggregator cannot open leaves its cloud out of the round."""
+def _rejecting_channel(rejects, reason):
+    """A plaintext channel whose receiving side rejects the hops for which rejects(sender, recipient)."""
     from fedjax_llm.clouds.channel import Channel, plaintext_channel
     from fedjax_llm.clouds.message import MessageError
 
     plain = plaintext_channel()
 
     def receive(data_bytes, *, like, sender, recipient, round):
-        if sender == "europe":
-            raise MessageError("payload tag mismatch (simulated tampering)")
+        if rejects(sender, recipient):
+            raise MessageError(reason)
         return plain.receive(data_bytes, like=like, sender=sender, recipient=recipient, round=round)
 
-    fed = Federation(cfg, data, channel=Channel(send=plain.send, receive=receive))
+    return Channel(send=plain.send, receive=receive)
+
+
+def test_rejected_uplink_drops_that_cloud_and_equals_fedavg_of_the_rest(cfg, data):
+    """The cloud boundary: a message the aggregator cannot open leaves its cloud out of the round."""
+    channel = _rejecting_channel(lambda sender, recipient: sender == "europe",
+                                 "payload tag mismatch (simulated tampering)")
+    fed = Federation(cfg, data, channel=channel)
     state = fed.init_state()
     new_state, m = fed.run_round(state)
     assert "tampering" in m["clouds"]["europe"]["error"]
@@ -293,17 +294,9 @@ def test_rejected_uplink_drops_that_cloud_and_equals_fedavg_of_the_rest(cfg, dat
 
 
 def test_rejected_downlink_keeps_that_cloud_out_of_training(cfg, data):
-    from fedjax_llm.clouds.channel import Channel, plaintext_channel
-    from fedjax_llm.clouds.message import MessageError
-
-    plain = plaintext_channel()
-
-    def receive(data_bytes, *, like, sender, recipient, round):
-        if recipient == "asia":
-            raise MessageError("wrong recipient key (simulated)")
-        return plain.receive(data_bytes, like=like, sender=sender, recipient=recipient, round=round)
-
-    fed = Federation(cfg, data, channel=Channel(send=plain.send, receive=receive))
+    channel = _rejecting_channel(lambda sender, recipient: recipient == "asia",
+                                 "wrong recipient key (simulated)")
+    fed = Federation(cfg, data, channel=channel)
     _, m = fed.run_round(fed.init_state())
     assert m["clouds"]["asia"]["clients"] == 0 and m["clouds"]["asia"]["bytes_up"] == 0
     assert m["clients"] == 6 and "recipient" in m["clouds"]["asia"]["error"]

@@ -6,12 +6,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from fedjax_llm.checkpoint import Checkpointer
-from fedjax_llm.train import CONF_DIR
 
 TIMING = {"wall_s", "tokens_per_s", "eval_s"}
 
