@@ -76,6 +76,7 @@ class LinkConfig:
 @dataclasses.dataclass
 class CloudConfig:
     clients: int = 3               # clients hosted by this cloud
+    share: float = 0.0             # > 0: clients = round(share * clouds.total_clients) instead
     clients_per_round: int = 0     # sampled each round (0 = all)
     select: List[str] = field(default_factory=list)  # values of partition.cloud_field it owns
     link: LinkConfig = field(default_factory=LinkConfig)
@@ -84,6 +85,7 @@ class CloudConfig:
 @dataclasses.dataclass
 class CloudsConfig:
     members: Dict[str, CloudConfig] = field(default_factory=dict)
+    total_clients: int = 0         # population split by the members' shares (when they use share)
 
 
 @dataclasses.dataclass
@@ -183,8 +185,26 @@ def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"{value!r} is not one of {choices}")
 
 
+def _resolve_shares(cfg: TrainConfig) -> TrainConfig:
+    """Turns clouds given as a share of clouds.total_clients into client counts."""
+    members = cfg.clouds.members
+    shares = {n: c.share for n, c in members.items() if c.share}
+    if not shares:
+        return cfg
+    total = cfg.clouds.total_clients
+    _require(total >= 1, "clouds.total_clients", f"clouds {sorted(shares)} set share, so it must be >= 1")
+    for name, share in shares.items():
+        _require(0 < share <= 1, f"clouds.members.{name}.share", f"must be in (0, 1], got {share}")
+    _require(sum(shares.values()) <= 1 + 1e-9, "clouds.members",
+             f"shares add up to {sum(shares.values()):.3f} > 1")
+    resolved = {n: dataclasses.replace(c, clients=max(1, round(c.share * total))) if c.share else c
+                for n, c in members.items()}
+    return dataclasses.replace(cfg, clouds=dataclasses.replace(cfg.clouds, members=resolved))
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks values and combinations; raises ConfigError naming the key. Touches no device."""
+    """Checks values and combinations and returns the config with derived values resolved (client
+    counts from shares); raises ConfigError naming the key. Touches no device."""
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _one_of(cfg.model.family, "model.family", ("llama",))
     try:
@@ -207,6 +227,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if p.kind == "dirichlet":
         _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
 
+    cfg = _resolve_shares(cfg)
     members = cfg.clouds.members
     _require(len(members) >= 1, "clouds.members", "at least one cloud is needed")
     total_clients = sum(c.clients for c in members.values())

@@ -31,7 +31,7 @@ def _eval_due(cfg: TrainConfig, rnd: int) -> bool:
 
 def run(cfg: TrainConfig, run_dir: str) -> dict:
     """Trains (or resumes) into run_dir and returns the summary dict."""
-    validate(cfg)  # before any data work or compilation
+    cfg = validate(cfg)  # before any data work or compilation
     import jax  # deferred: a bad config fails without touching devices
 
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl

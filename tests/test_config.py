@@ -69,3 +69,20 @@ def test_bad_config_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="client.lr"):
         run(cfg, str(run_dir))
     assert not run_dir.exists()  # nothing loaded, built or compiled
+
+
+def test_cloud_shares_resolve_to_client_counts():
+    cfg = validate(compose_config(["clouds=shared", "clouds.total_clients=20", "clouds.members.east.share=0.5",
+                                   "clouds.members.central.share=0.3", "clouds.members.west.share=0.2"]))
+    assert [c.clients for c in cfg.clouds.members.values()] == [10, 6, 4]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["clouds.members.east.share=0.5"], "clouds.total_clients"),
+    (["clouds.total_clients=10", "clouds.members.east.share=0.7", "clouds.members.west.share=0.6"],
+     "clouds.members"),
+    (["clouds.total_clients=10", "clouds.members.east.share=1.5"], "clouds.members.east.share"),
+])
+def test_bad_shares_name_the_key(overrides, key):
+    err, text = _error(["clouds=shared"] + overrides)
+    assert isinstance(err, ConfigError) and text.startswith(key), text
