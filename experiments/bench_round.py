@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from fedjax_llm import config as C
-from fedjax_llm.client import client_optimizer, make_loss_fn
+from fedjax_llm.client import client_optimizer, make_lm_loss
 from fedjax_llm.data.federated import FederatedData
 from fedjax_llm.server import Federation
 
@@ -121,8 +121,8 @@ def loop_runner(w: Workload, fed: Federation):
     """Independent baseline: per-client jitted scan + jitted accumulation, Python loop over clients."""
     cfg = make_config(w, 1)
     opt = client_optimizer(cfg.client)
-    loss_fn = make_loss_fn(fed.fns.apply)
-    grad = jax.grad(lambda p, f, t, m: loss_fn(p, f, t, m, None)[0])
+    loss_fn = make_lm_loss(fed.fns.apply)
+    grad = jax.grad(lambda p, f, t, m: loss_fn(p, f, {"tokens": t, "loss_mask": m}, None)[0])
     frozen = fed.frozen
     data = fed.data
     tokens = jnp.asarray(data.tokens.reshape(w.K, w.S, w.B, w.seq))
@@ -163,8 +163,8 @@ def loop_runner(w: Workload, fed: Federation):
 def central_runner(w: Workload, fed: Federation):
     """One model, K*S scanned steps of batch B over the same tokens."""
     opt = client_optimizer(make_config(w, 1).client)
-    loss_fn = make_loss_fn(fed.fns.apply)
-    grad = jax.grad(lambda p, f, t, m: loss_fn(p, f, t, m, None)[0])
+    loss_fn = make_lm_loss(fed.fns.apply)
+    grad = jax.grad(lambda p, f, t, m: loss_fn(p, f, {"tokens": t, "loss_mask": m}, None)[0])
     frozen = fed.frozen
     tokens = jnp.asarray(fed.data.tokens.reshape(w.K * w.S, w.B, w.seq))
     mask = jnp.asarray(fed.data.loss_mask.reshape(w.K * w.S, w.B, w.seq))

@@ -1,12 +1,14 @@
 """Client local training: one pure function, the local steps in a `lax.scan`.
 
-`make_local_update` closes over the model's apply function and an optax client optimizer and returns
-`local_update(trainable, frozen, batches, key, hparams, weight) -> ClientOutput`. It is written for one
-client; the round compute vmaps it over a stacked client axis (frozen params unbatched).
+`make_local_update(loss_fn, optimizer, pieces)` returns
+`local_update(trainable, frozen, batches, key, hparams, weight, state, broadcast) -> (ClientOutput, state)`
+for one client; the round compute vmaps it over a stacked client axis (frozen params unbatched).
+An algorithm's client side is a tuple of `ClientPiece`s: a loss term (FedProx), a gradient correction
+with per-client state (SCAFFOLD), a final transform of the update (FedNova's normalisation).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,28 @@ from fedjax_llm.config import ClientConfig
 from fedjax_llm.types import ClientBatches, ClientHParams, ClientOutput, Params
 
 ApplyFn = Callable[..., jax.Array]  # apply(trainable, frozen, tokens_BxT, dropout_key) -> logits
-ExtraLoss = Callable[[Params, Params], jax.Array]  # (local trainable, global trainable) -> scalar
+# loss_fn(trainable, frozen, step_inputs, key) -> (mean loss, (loss_sum, target count))
+LossFn = Callable[[Params, Params, Any, Optional[jax.Array]], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+
+
+class ClientPiece(NamedTuple):
+    """One client-side term of an algorithm; fields left None do nothing.
+
+    Each piece sees only its own slice of the per-client state, of the server broadcast and of the
+    aux outputs, all keyed by `name`.
+    """
+
+    name: str
+    init_state: Optional[Callable[[Params], Any]] = None                 # params -> per-client state
+    loss: Optional[Callable[[Params, Params, Any], jax.Array]] = None    # (params, global, broadcast)
+    adjust_grads: Optional[Callable[[Params, Any, Any], Params]] = None  # (grads, state, broadcast)
+    # (delta, steps, lr, state, broadcast) -> (delta, aux, new state)
+    finish: Optional[Callable[..., tuple[Params, Any, Any]]] = None
+
+
+def init_client_state(pieces: Sequence[ClientPiece], params: Params) -> dict:
+    """The per-client state template of an algorithm ({} when it keeps none)."""
+    return {p.name: p.init_state(params) for p in pieces if p.init_state is not None}
 
 
 def client_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
@@ -29,9 +52,9 @@ def client_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
         elif cfg.optimizer == "adam":
             parts.append(optax.adam(learning_rate))
         elif cfg.optimizer == "sgd":
-            parts.append(optax.sgd(learning_rate, momentum=cfg.momentum or None))
             if cfg.weight_decay:
-                parts.insert(0, optax.add_decayed_weights(cfg.weight_decay))
+                parts.append(optax.add_decayed_weights(cfg.weight_decay))
+            parts.append(optax.sgd(learning_rate, momentum=cfg.momentum or None))
         else:
             raise ValueError(f"client.optimizer: unknown optimizer {cfg.optimizer!r}")
         return optax.chain(*parts)
@@ -51,10 +74,11 @@ def next_token_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
     return jnp.sum(token_nll(logits_BxTxV, targets_BxT) * mask_BxT), jnp.sum(mask_BxT)
 
 
-def make_loss_fn(apply_fn: ApplyFn) -> Callable:
-    """loss(trainable, frozen, tokens_BxT, mask_BxT, dropout_key) -> (mean loss, (loss_sum, tokens))."""
+def make_lm_loss(apply_fn: ApplyFn) -> LossFn:
+    """Causal LM loss on {"tokens", "loss_mask"}: predict tokens[:, 1:], weighted by loss_mask[:, 1:]."""
 
-    def loss_fn(trainable, frozen, tokens_BxT, mask_BxT, dropout_key):
+    def loss_fn(trainable, frozen, inputs, dropout_key):
+        tokens_BxT, mask_BxT = inputs["tokens"], inputs["loss_mask"]
         logits = apply_fn(trainable, frozen, tokens_BxT[:, :-1], dropout_key)
         loss_sum, ntok = next_token_loss(logits, tokens_BxT[:, 1:], mask_BxT[:, 1:])
         return loss_sum / jnp.maximum(ntok, 1.0), (loss_sum, ntok)
@@ -62,47 +86,60 @@ def make_loss_fn(apply_fn: ApplyFn) -> Callable:
     return loss_fn
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_local_update(apply_fn: ApplyFn, optimizer: optax.GradientTransformation,
-                      extra_loss: Optional[ExtraLoss] = None) -> Callable[..., ClientOutput]:
-    """Builds the pure client update. `extra_loss` adds a term such as FedProx's proximal penalty."""
-    loss_fn = make_loss_fn(apply_fn)
+def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                      pieces: Sequence[ClientPiece] = ()) -> Callable[..., tuple[ClientOutput, dict]]:
+    """Builds the pure client update from a task loss, an optax optimizer and algorithm pieces."""
+    pieces = tuple(pieces)
 
-    def total_loss(params, global_params, frozen, tokens, mask, key):
-        loss, aux = loss_fn(params, frozen, tokens, mask, key)
-        if extra_loss is not None:
-            loss = loss + extra_loss(params, global_params)
+    def total_loss(params, global_params, frozen, inputs, key, broadcast):
+        loss, aux = loss_fn(params, frozen, inputs, key)
+        for p in pieces:
+            if p.loss is not None:
+                loss = loss + p.loss(params, global_params, broadcast.get(p.name))
         return loss, aux
 
     grad_fn = jax.value_and_grad(total_loss, has_aux=True)
 
     def local_update(trainable: Params, frozen: Params, batches: ClientBatches, key: jax.Array,
-                     hparams: ClientHParams, weight: jax.Array) -> ClientOutput:
+                     hparams: ClientHParams, weight: jax.Array, state: dict, broadcast: dict):
         opt_state = optimizer.init(trainable)
         opt_state = opt_state._replace(
             hyperparams={**opt_state.hyperparams, "learning_rate": hparams.lr})
         step_keys = jax.random.split(key, batches.step_mask.shape[0])
 
         def step(carry, xs):
-            params, state = carry
-            tokens, mask, valid, step_key = xs
-            (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, frozen, tokens, mask, step_key)
-            updates, new_state = optimizer.update(grads, state, params)
+            params, opt = carry
+            inputs, valid, step_key = xs
+            (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, frozen, inputs, step_key, broadcast)
+            for p in pieces:
+                if p.adjust_grads is not None:
+                    grads = p.adjust_grads(grads, state.get(p.name), broadcast.get(p.name))
+            updates, new_opt = optimizer.update(grads, opt, params)
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jnp.where(valid, new, old)
-            carry = (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_state, state))
+            carry = (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt))
             return carry, (jnp.where(valid, loss_sum, 0.0), jnp.where(valid, ntok, 0.0))
 
-        xs = (batches.tokens, batches.loss_mask, batches.step_mask, step_keys)
+        xs = (batches.inputs, batches.step_mask, step_keys)
         (final, _), (loss_sums, ntoks) = jax.lax.scan(step, (trainable, opt_state), xs)
         delta = jax.tree.map(lambda a, b: a - b, final, trainable)
+        steps = jnp.sum(batches.step_mask.astype(jnp.float32))
+        aux, new_state = {}, dict(state)
+        for p in pieces:
+            if p.finish is not None:
+                delta, aux[p.name], s = p.finish(delta, steps, hparams.lr, state.get(p.name),
+                                                 broadcast.get(p.name))
+                if p.name in state:
+                    new_state[p.name] = s
         loss_sum = jnp.sum(loss_sums)
-        finite = _all_finite(delta) & jnp.isfinite(loss_sum)
-        return ClientOutput(delta=delta, weight=jnp.asarray(weight, jnp.float32), loss_sum=loss_sum,
-                            tokens=jnp.sum(ntoks), finite=finite)
+        finite = all_finite((delta, aux, new_state)) & jnp.isfinite(loss_sum)
+        out = ClientOutput(delta=delta, weight=jnp.asarray(weight, jnp.float32), steps=steps, aux=aux,
+                           loss_sum=loss_sum, tokens=jnp.sum(ntoks), finite=finite)
+        return out, new_state
 
     return local_update

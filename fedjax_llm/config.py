@@ -103,15 +103,48 @@ class ClientConfig:
     weighting: str = "examples"    # examples | uniform
 
 
+RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bound")
+
+
 @dataclasses.dataclass
-class AggregatorConfig:
-    name: str = "fedavg"           # aggregation rule across clouds
-    server_optimizer: str = "sgd"  # sgd | momentum | adam (applied to the aggregate, optax)
+class AlgorithmConfig:
+    """A federated algorithm as a composition: client terms, per-cloud and cross-cloud rules, and a
+    server optimizer. conf/algorithm/*.yaml name the classic combinations."""
+
+    name: str = "fedavg"           # label written to outputs
+    prox_mu: float = 0.0           # FedProx proximal term (0 = off)
+    scaffold: bool = False         # SCAFFOLD control variates (option II), kept per client
+    fednova: bool = False          # FedNova normalised averaging (unequal local steps)
+    client_rule: str = "mean"      # how a cloud combines its clients: one of RULES
+    cloud_rule: str = "mean"       # how the aggregator combines clouds: one of RULES
+    trim_beta: float = 0.2         # trimmed_mean: fraction trimmed at each end
+    krum_f: int = 1                # krum / multi_krum: Byzantine entries tolerated
+    multi_krum_m: int = 2          # multi_krum: lowest-score entries averaged
+    norm_bound: float = 1.0        # norm_bound: max L2 norm of an update
+    server_optimizer: str = "sgd"  # sgd | momentum | adam | yogi | adagrad (FedAvg, FedAvgM, FedOpt)
     server_lr: float = 1.0
-    server_momentum: float = 0.9   # momentum only
+    server_momentum: float = 0.9
     server_b1: float = 0.9
     server_b2: float = 0.99
-    server_eps: float = 1e-3
+    server_eps: float = 1e-3       # FedOpt's tau
+
+
+@dataclasses.dataclass
+class ParticipationConfig:
+    sampling: str = "fixed"        # fixed: clouds.members.*.clients_per_round | fraction | poisson
+    fraction: float = 1.0          # fraction: per-cloud share sampled; poisson: inclusion probability
+    dropout: float = 0.0           # probability a sampled client's update never arrives
+    straggler_fraction: float = 0.0  # share of sampled clients that make fewer local steps
+    straggler_min_steps: int = 1   # stragglers make a uniform number of steps in [min, local_steps]
+
+
+@dataclasses.dataclass
+class AttackConfig:
+    kind: str = "none"             # none | sign_flip | scale | gaussian | label_flip
+    fraction: float = 0.0          # share of each cloud's clients that are Byzantine (fixed per run)
+    cloud: Optional[str] = None    # or: every client of this cloud is Byzantine
+    scale: float = 10.0            # sign_flip sends -scale * delta; scale sends scale * delta
+    noise_std: float = 1.0         # gaussian: the update is replaced by N(0, noise_std^2)
 
 
 @dataclasses.dataclass
@@ -141,7 +174,9 @@ class TrainConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     clouds: CloudsConfig = field(default_factory=CloudsConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
-    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -257,10 +292,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(c.clients_per_chunk >= 0, "client.clients_per_chunk", "must be >= 0 (0 = auto)")
     _one_of(c.weighting, "client.weighting", ("examples", "uniform"))
 
-    a = cfg.aggregator
-    _one_of(a.name, "aggregator.name", ("fedavg",))
-    _one_of(a.server_optimizer, "aggregator.server_optimizer", ("sgd", "momentum", "adam"))
-    _require(a.server_lr > 0, "aggregator.server_lr", f"must be > 0, got {a.server_lr}")
+    _validate_algorithm(cfg)
+    _validate_participation(cfg)
+    _validate_attack(cfg)
 
     r = cfg.run
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
@@ -273,3 +307,62 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
     _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
     return cfg
+
+
+def _validate_algorithm(cfg: TrainConfig) -> None:
+    a = cfg.algorithm
+    _one_of(a.client_rule, "algorithm.client_rule", RULES)
+    _one_of(a.cloud_rule, "algorithm.cloud_rule", RULES)
+    _one_of(a.server_optimizer, "algorithm.server_optimizer", ("sgd", "momentum", "adam", "yogi", "adagrad"))
+    _require(a.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {a.server_lr}")
+    _require(a.prox_mu >= 0, "algorithm.prox_mu", f"must be >= 0, got {a.prox_mu}")
+    _require(0 <= a.trim_beta < 0.5, "algorithm.trim_beta", f"must be in [0, 0.5), got {a.trim_beta}")
+    _require(a.krum_f >= 0, "algorithm.krum_f", f"must be >= 0, got {a.krum_f}")
+    _require(a.multi_krum_m >= 1, "algorithm.multi_krum_m", f"must be >= 1, got {a.multi_krum_m}")
+    _require(a.norm_bound > 0, "algorithm.norm_bound", f"must be > 0, got {a.norm_bound}")
+    _require(not (a.scaffold and a.fednova), "algorithm.scaffold",
+             "and algorithm.fednova are both set; choose one")
+    for flag in ("scaffold", "fednova"):
+        if getattr(a, flag):
+            for level in ("client_rule", "cloud_rule"):
+                rule = getattr(a, level)
+                _require(rule in ("mean", "norm_bound"), f"algorithm.{flag}",
+                         f"needs averaged updates, but algorithm.{level}={rule!r}")
+    sizes = {name: (c.clients_per_round or c.clients) for name, c in cfg.clouds.members.items()}
+    for level, counts in (("client_rule", sizes), ("cloud_rule", {"clouds": len(sizes)})):
+        rule = getattr(a, level)
+        for where, n in counts.items():
+            if rule == "krum" or rule == "multi_krum":
+                _require(n >= 2 * a.krum_f + 3, f"algorithm.{level}",
+                         f"{rule} with algorithm.krum_f={a.krum_f} needs >= {2 * a.krum_f + 3} entries, "
+                         f"{where} has {n}")
+            if rule == "multi_krum":
+                _require(a.multi_krum_m <= n - a.krum_f, "algorithm.multi_krum_m",
+                         f"{a.multi_krum_m} exceeds n - krum_f = {n - a.krum_f} for {where}")
+
+
+def _validate_participation(cfg: TrainConfig) -> None:
+    p = cfg.participation
+    _one_of(p.sampling, "participation.sampling", ("fixed", "fraction", "poisson"))
+    _require(0 < p.fraction <= 1, "participation.fraction", f"must be in (0, 1], got {p.fraction}")
+    _require(0 <= p.dropout < 1, "participation.dropout", f"must be in [0, 1), got {p.dropout}")
+    _require(0 <= p.straggler_fraction <= 1, "participation.straggler_fraction",
+             f"must be in [0, 1], got {p.straggler_fraction}")
+    _require(1 <= p.straggler_min_steps <= cfg.client.local_steps, "participation.straggler_min_steps",
+             f"must be in [1, client.local_steps={cfg.client.local_steps}], got {p.straggler_min_steps}")
+    if p.sampling != "fixed":
+        fixed = [n for n, c in cfg.clouds.members.items() if c.clients_per_round]
+        _require(not fixed, "participation.sampling",
+                 f"={p.sampling!r} conflicts with clouds.members.{fixed[0] if fixed else ''}.clients_per_round")
+
+
+def _validate_attack(cfg: TrainConfig) -> None:
+    t = cfg.attack
+    _one_of(t.kind, "attack.kind", ("none", "sign_flip", "scale", "gaussian", "label_flip"))
+    _require(0 <= t.fraction <= 1, "attack.fraction", f"must be in [0, 1], got {t.fraction}")
+    if t.cloud is not None:
+        _require(t.cloud in cfg.clouds.members, "attack.cloud",
+                 f"{t.cloud!r} is not one of the clouds {list(cfg.clouds.members)}")
+    if t.kind != "none":
+        _require(t.fraction > 0 or t.cloud is not None, "attack.kind",
+                 f"={t.kind!r} needs attack.fraction > 0 or attack.cloud")

@@ -61,12 +61,14 @@ def plan_layout(num_clients: int, num_devices: int, clients_per_chunk: int) -> R
 
 @struct.dataclass
 class RoundInputs:
-    """Host-prepared, padded per-client inputs of a round (numpy), leading axis = padded K."""
+    """Host-prepared, padded per-client inputs of a round, leading axis = padded K."""
 
-    batches: ClientBatches   # [Kp, S, B, T] / [Kp, S]
-    keys: np.ndarray         # [Kp, 2] uint32 raw PRNG key data
-    weights: np.ndarray      # [Kp] float32, 0 for padding and absent clients
-    onehot: np.ndarray       # [Kp, C] float32 cloud membership
+    batches: ClientBatches   # inputs leaves [Kp, S, B, ...]; step_mask [Kp, S]
+    keys: Any                # [Kp, 2] uint32 raw PRNG key data
+    weights: Any             # [Kp] float32, 0 for padding, dropped and absent clients
+    onehot: Any              # [Kp, C] float32 cloud membership
+    attacked: Any            # [Kp] bool, Byzantine clients
+    state: Any               # the algorithm's per-client state for these clients, leaves [Kp, ...]
 
 
 @struct.dataclass
@@ -75,61 +77,74 @@ class RoundResult:
     loss_sum: jax.Array      # [Kp] per client
     tokens: jax.Array        # [Kp]
     finite: jax.Array        # [Kp] bool
+    state: Any               # new per-client state, leaves [Kp, ...]
 
 
 def sanitize(out: ClientOutput) -> ClientOutput:
-    """Zeroes the weight and delta of non-finite clients so NaN cannot reach any sum."""
+    """Zeroes the weight and update of non-finite clients so NaN cannot reach any sum."""
     ok = out.finite & (out.weight > 0)
     keep = lambda x: jnp.where(ok.reshape(ok.shape + (1,) * (x.ndim - ok.ndim)), x, 0)
-    return out.replace(delta=jax.tree.map(keep, out.delta), weight=jnp.where(ok, out.weight, 0.0),
-                       loss_sum=jnp.where(ok, out.loss_sum, 0.0), tokens=jnp.where(ok, out.tokens, 0.0))
+    return out.replace(delta=jax.tree.map(keep, out.delta), aux=jax.tree.map(keep, out.aux),
+                       weight=jnp.where(ok, out.weight, 0.0), loss_sum=jnp.where(ok, out.loss_sum, 0.0),
+                       tokens=jnp.where(ok, out.tokens, 0.0), steps=jnp.where(ok, out.steps, 0.0))
 
 
 def _to_layout(x: Any, layout: RoundLayout) -> Any:
     return jax.tree.map(lambda a: a.reshape(layout.shape + a.shape[1:]), x)
 
 
-def make_round_compute(local_update: Callable[..., ClientOutput], reducer: Reducer, num_clouds: int,
+def _first(tree: Any) -> Any:
+    return jax.tree.map(lambda a: a[0], tree)
+
+
+def _client_template(local_update, trainable, frozen, inputs, hparams, broadcast) -> ClientOutput:
+    """Shapes of one client's output, for sizing the reducer's accumulators."""
+    args = (trainable, frozen, _first(inputs.batches), jax.random.key(0), hparams,
+            jnp.float32(1), _first(inputs.state), broadcast)
+    return jax.eval_shape(local_update, *args)[0]
+
+
+def make_round_compute(local_update: Callable, reducer: Reducer, transform: Callable, num_clouds: int,
                        mesh: Mesh, layout: RoundLayout) -> Callable[..., RoundResult]:
-    """Returns jit(trainable, frozen, inputs: RoundInputs, hparams) -> RoundResult."""
-    client_axes = (None, None, 0, 0, None, 0)
+    """Returns jit(trainable, frozen, broadcast, inputs: RoundInputs, hparams) -> RoundResult."""
+    client_axes = (None, None, 0, 0, None, 0, 0, None)
     if layout.chunk == 1:
         # A size-1 vmap turns every matmul into a batched dot, which XLA:CPU runs slower than the
         # plain one; call the client directly and restore the chunk axis instead.
-        def vmapped(trainable, frozen, b, k, hp, w):
-            first = lambda t: jax.tree.map(lambda a: a[0], t)
-            out = local_update(trainable, frozen, first(b), first(k), hp, w[0])
+        def vmapped(trainable, frozen, b, k, hp, w, st, bc):
+            out = local_update(trainable, frozen, _first(b), _first(k), hp, w[0], _first(st), bc)
             return jax.tree.map(lambda a: a[None], out)
     else:
         vmapped = jax.vmap(local_update, in_axes=client_axes)
 
-    def per_device(trainable, frozen, batches, keys, weights, onehot, hparams):
+    def per_device(trainable, frozen, broadcast, inputs: RoundInputs, hparams):
         # Local shapes: [1, chunks, chunk, ...]; scan over chunks, vmap inside a chunk.
-        drop = lambda t: jax.tree.map(lambda a: a[0], t)
-        batches, keys, weights, onehot = drop((batches, keys, weights, onehot))
-        acc0 = reducer.init(trainable, num_clouds)
+        local = jax.tree.map(lambda a: a[0], inputs)
+        flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), local)
+        template = _client_template(local_update, trainable, frozen, flat, hparams, broadcast)
+        acc0 = reducer.init(template, num_clouds, layout.num_chunks * layout.chunk)
 
-        def chunk_step(acc, xs):
-            b, k, w, oh = xs
-            out = sanitize(vmapped(trainable, frozen, b, jax.random.wrap_key_data(k), hparams, w))
-            return reducer.accumulate(acc, out, oh), (out.loss_sum, out.tokens, out.finite)
+        def chunk_step(acc, x: RoundInputs):
+            keys = jax.random.wrap_key_data(x.keys)
+            out, state = vmapped(trainable, frozen, x.batches, keys, hparams, x.weights, x.state, broadcast)
+            out = sanitize(jax.vmap(transform)(out, keys, x.attacked))
+            return reducer.accumulate(acc, out, x.onehot), (out.loss_sum, out.tokens, out.finite, state)
 
-        acc, (loss_sum, tokens, finite) = jax.lax.scan(chunk_step, acc0, (batches, keys, weights, onehot))
+        acc, per_client = jax.lax.scan(chunk_step, acc0, local)
         acc = reducer.combine(acc, AXIS)
-        return acc, loss_sum[None], tokens[None], finite[None]
+        return (acc,) + jax.tree.map(lambda a: a[None], per_client)
 
-    sharded = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(P(), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
-        out_specs=(P(), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
+                            out_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
 
     @jax.jit
-    def compute(trainable: Params, frozen: Params, inputs: RoundInputs, hparams: ClientHParams):
-        laid = _to_layout((inputs.batches, inputs.keys, inputs.weights, inputs.onehot), layout)
-        acc, loss_sum, tokens, finite = sharded(trainable, frozen, *laid, hparams)
-        flat = lambda a: a.reshape(-1)
-        return RoundResult(clouds=reducer.finalize(acc), loss_sum=flat(loss_sum),
-                           tokens=flat(tokens), finite=flat(finite))
+    def compute(trainable: Params, frozen: Params, broadcast: Any, inputs: RoundInputs,
+                hparams: ClientHParams) -> RoundResult:
+        acc, loss_sum, tokens, finite, state = sharded(trainable, frozen, broadcast,
+                                                       _to_layout(inputs, layout), hparams)
+        flat = lambda a: a.reshape((-1,) + a.shape[3:])
+        return RoundResult(clouds=reducer.finalize(acc), loss_sum=flat(loss_sum), tokens=flat(tokens),
+                           finite=flat(finite), state=jax.tree.map(flat, state))
 
     return compute
 
@@ -143,33 +158,38 @@ class ClientStageError(RuntimeError):
     """A failure inside one client's work, naming the round, cloud, client and stage."""
 
 
-def make_loop_compute(local_update: Callable[..., ClientOutput], reducer: Reducer, num_clouds: int,
+def make_loop_compute(local_update: Callable, reducer: Reducer, transform: Callable, num_clouds: int,
                       describe: Callable[[int], str]) -> Callable[..., RoundResult]:
     """Client-by-client reference: jitted single-client update, host loop, same reducer."""
     update = jax.jit(local_update)
+    finish = jax.jit(lambda out, key, attacked: sanitize(transform(out, key, attacked)))
     accumulate = jax.jit(reducer.accumulate)
     add_axis = lambda t: jax.tree.map(lambda a: jnp.asarray(a)[None], t)
 
-    def compute(trainable, frozen, inputs: RoundInputs, hparams, round_index: int = -1):
-        acc = reducer.init(trainable, num_clouds)
-        losses, tokens, finite = [], [], []
-        for i in range(inputs.weights.shape[0]):
+    def compute(trainable, frozen, broadcast, inputs: RoundInputs, hparams, round_index: int = -1):
+        n = inputs.weights.shape[0]
+        template = _client_template(local_update, trainable, frozen, inputs, hparams, broadcast)
+        acc = reducer.init(template, num_clouds, n)
+        outs, states = [], []
+        for i in range(n):
             stage = "local_update"
             try:
-                batch = jax.tree.map(lambda a: a[i], inputs.batches)
-                key = jax.random.wrap_key_data(jnp.asarray(inputs.keys[i]))
+                x = jax.tree.map(lambda a: a[i], inputs)
+                key = jax.random.wrap_key_data(jnp.asarray(x.keys))
                 # Blocking here attributes asynchronous device errors to this client.
-                out = jax.block_until_ready(update(trainable, frozen, batch, key, hparams, inputs.weights[i]))
+                out, state = jax.block_until_ready(
+                    update(trainable, frozen, x.batches, key, hparams, x.weights, x.state, broadcast))
                 stage = "reduce"
-                out = jax.tree.map(lambda a: a[0], sanitize(add_axis(out)))
-                acc = accumulate(acc, add_axis(out), jnp.asarray(inputs.onehot[i:i + 1]))
+                out = finish(out, key, x.attacked)
+                acc = accumulate(acc, add_axis(out), jnp.asarray(x.onehot)[None])
             except Exception as e:  # re-raised with the place it happened
                 raise ClientStageError(f"round {round_index}, {describe(i)}: stage {stage} failed: "
                                        f"{type(e).__name__}: {e}") from e
-            losses.append(out.loss_sum)
-            tokens.append(out.tokens)
-            finite.append(out.finite)
-        return RoundResult(clouds=reducer.finalize(acc), loss_sum=jnp.stack(losses),
-                           tokens=jnp.stack(tokens), finite=jnp.stack(finite))
+            outs.append(out)
+            states.append(state)
+        stack = lambda *a: jnp.stack(a)
+        return RoundResult(clouds=reducer.finalize(acc), loss_sum=jnp.stack([o.loss_sum for o in outs]),
+                           tokens=jnp.stack([o.tokens for o in outs]),
+                           finite=jnp.stack([o.finite for o in outs]), state=jax.tree.map(stack, *states))
 
     return compute

@@ -1,14 +1,14 @@
 """The federation: one readable round over explicit state.
 
-`Federation` holds what is fixed for a run (data, model functions, frozen params, compiled round,
-aggregator, channel, links); `ServerState` holds everything that changes, so `run_round(state)` is a
-function of its argument and a checkpoint of the state resumes exactly. One round:
+`Federation` holds what is fixed for a run (data, model functions, frozen params, the algorithm, the
+compiled round, channel, links); `ServerState` holds everything that changes, so `run_round(state)` is
+a function of its argument and a checkpoint of the state resumes exactly. One round:
 
-    key -> (sample, clients)          cohort = sample per cloud; batches from per-client data cursors
-    downlink  global params -> bytes -> each cloud          (the cloud boundary: channel.send/receive)
-    compute   vmapped clients, per-cloud reduction          (one jit, sharded over devices)
+    key -> cohort                      sampled per cloud; dropouts, stragglers (participation.py)
+    downlink  params + broadcast -> bytes -> each cloud     (the cloud boundary: channel.send/receive)
+    compute   clients train, per-cloud reduction            (one jit, sharded over devices)
     uplink    each cloud's aggregate -> bytes -> aggregator
-    server    aggregator.update over clouds + server optimizer (one jit)
+    server    aggregator over clouds + server optimizer     (one jit)
 """
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from fedjax_llm.aggregate.base import Aggregator, Reducer, weighted_mean_reducer
-from fedjax_llm.aggregate.fedavg import make_aggregator, server_optimizer
-from fedjax_llm.client import client_optimizer, make_local_update
+from fedjax_llm import participation
+from fedjax_llm.algorithms import Algorithm, build_algorithm, server_update
+from fedjax_llm.client import client_optimizer, init_client_state, make_lm_loss, make_local_update
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.message import MessageError
@@ -39,6 +38,7 @@ from fedjax_llm.types import ClientBatches, ClientHParams, CloudAggregate
 
 log = logging.getLogger(__name__)
 AGGREGATOR = "aggregator"
+_COHORT, _CLIENT_KEYS = 11, 12  # streams derived from a round key
 
 
 class NonFiniteError(RuntimeError):
@@ -52,7 +52,8 @@ class ServerState:
     round: jax.Array          # rounds completed, int32
     params: Any               # global trainable params
     opt_state: Any            # server optimizer state
-    agg_state: Any            # aggregator state
+    agg_state: Any            # aggregator state (e.g. SCAFFOLD's server control variate)
+    client_states: Any        # the algorithm's per-client state, leaves [P, ...] ({} for FedAvg)
     key: jax.Array            # uint32[2] raw PRNG key, split every round
     data_cursors: np.ndarray  # [P] int64 examples consumed per client
     data_seed: np.ndarray     # uint32 scalar, fixes each client's per-epoch shuffles
@@ -70,32 +71,34 @@ class Federation:
     """Fixed pieces of a run plus `init_state` and `run_round`."""
 
     def __init__(self, cfg: TrainConfig, data: FederatedData, *, mesh: Optional[Mesh] = None,
-                 channel: Optional[Channel] = None, aggregator: Optional[Aggregator] = None,
-                 reducer: Optional[Reducer] = None):
+                 channel: Optional[Channel] = None, algorithm: Optional[Algorithm] = None):
         self.cfg, self.data = cfg, data
         self.mesh = mesh or make_mesh(cfg.run.devices)
         self.channel = channel or plaintext_channel()
-        self.aggregator = aggregator or make_aggregator(cfg.aggregator)
-        self.reducer = reducer or weighted_mean_reducer()
-        self.server_opt = server_optimizer(cfg.aggregator)
+        self.algo = algorithm or build_algorithm(cfg.algorithm, cfg.attack, data.num_clients)
         self.cloud_names = list(data.cloud_names)
         self.links = [Link.from_config(cfg.clouds.members[n].link) for n in self.cloud_names]
         self.spec = model_spec(cfg, data.vocab_size)
-        self.k_model, self.k_data, self.k_run = jax.random.split(jax.random.key(cfg.seed), 3)
+        self.k_model, self.k_data, self.k_run, k_attack = jax.random.split(jax.random.key(cfg.seed), 4)
         self.fns, self.init_params, self.frozen = init_model(self.spec, self.k_model)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
-        self.cohort_size = sum(self._per_round(n) for n in self.cloud_names)
+        self.byzantine = participation.byzantine_clients(cfg.attack, data.client_cloud, self.cloud_names,
+                                                         k_attack)
+        self.cohort_size = participation.cohort_capacity(cfg, data.client_cloud)
         platform = self.mesh.devices.flat[0].platform
         chunk = cfg.client.clients_per_chunk or default_chunk(platform)
         self.layout = plan_layout(self.cohort_size, self.mesh.size, chunk)
-        local_update = make_local_update(self.fns.apply, client_optimizer(cfg.client))
+        local_update = make_local_update(make_lm_loss(self.fns.apply), client_optimizer(cfg.client),
+                                         self.algo.pieces)
         C = len(self.cloud_names)
         if cfg.client.backend == "loop":
-            self._compute = make_loop_compute(local_update, self.reducer, C, self._describe_slot)
+            self._compute = make_loop_compute(local_update, self.algo.reducer, self.algo.transform, C,
+                                              self._describe_slot)
         else:
-            self._compute = make_round_compute(local_update, self.reducer, C, self.mesh, self.layout)
-        self._server_step = jax.jit(self._server_step_fn)
+            self._compute = make_round_compute(local_update, self.algo.reducer, self.algo.transform, C,
+                                               self.mesh, self.layout)
+        self._server_step = jax.jit(lambda *a: server_update(self.algo, *a))
         self.evaluator = Evaluator(self.fns.apply, data, cfg.data.max_eval_examples,
                                    cfg.run.eval_batch_size)
         self._cohort: np.ndarray = np.zeros(0, np.int64)
@@ -103,28 +106,18 @@ class Federation:
     # ----- state -----------------------------------------------------------------------------
     def init_state(self) -> ServerState:
         params = self.init_params
-        data_seed = np.asarray(jax.random.bits(self.k_data, dtype=jnp.uint32))
-        return ServerState(round=jnp.int32(0), params=params, opt_state=self.server_opt.init(params),
-                           agg_state=self.aggregator.init(params),
+        one = init_client_state(self.algo.pieces, params)
+        P = self.data.num_clients
+        client_states = jax.tree.map(lambda x: jnp.zeros((P,) + x.shape, x.dtype), one)
+        return ServerState(round=jnp.int32(0), params=params, opt_state=self.algo.server_opt.init(params),
+                           agg_state=self.algo.aggregator.init(params), client_states=client_states,
                            key=jax.random.key_data(self.k_run),
-                           data_cursors=np.zeros(self.data.num_clients, np.int64), data_seed=data_seed)
+                           data_cursors=np.zeros(P, np.int64),
+                           data_seed=np.asarray(jax.random.bits(self.k_data, dtype=jnp.uint32)))
 
     # ----- one round -------------------------------------------------------------------------
-    def _per_round(self, cloud: str) -> int:
-        c = self.cfg.clouds.members[cloud]
-        return c.clients_per_round or c.clients
-
-    def sample_cohort(self, key: jax.Array) -> np.ndarray:
-        """Client ids taking part this round: per cloud, all or a uniform sample without replacement."""
-        ids = []
-        for c, name in enumerate(self.cloud_names):
-            members = np.flatnonzero(self.data.client_cloud == c)
-            m = self._per_round(name)
-            if m < len(members):
-                pick = jax.random.choice(jax.random.fold_in(key, c), len(members), (m,), replace=False)
-                members = np.sort(members[np.asarray(pick)])
-            ids.append(members)
-        return np.concatenate(ids).astype(np.int64)
+    def sample_cohort(self, key: jax.Array, rnd: int = 0) -> participation.Cohort:
+        return participation.sample_cohort(self.cfg, self.data.client_cloud, key, rnd)
 
     def _describe_slot(self, i: int) -> str:
         if i >= len(self._cohort):
@@ -133,30 +126,34 @@ class Federation:
         return (f"cloud {self.cloud_names[self.data.client_cloud[cid]]!r}, "
                 f"client {cid} ({self.data.client_names[cid]})")
 
-    def _round_inputs(self, state: ServerState, cohort: np.ndarray, k_clients: jax.Array,
+    def _round_inputs(self, state: ServerState, cohort: participation.Cohort, k_clients: jax.Array,
                       received: np.ndarray):
         cfg = self.cfg.client
-        rb = round_batches(self.data, cohort, state.data_cursors, cfg.local_steps, cfg.batch_size,
+        ids = cohort.ids
+        rb = round_batches(self.data, ids, state.data_cursors, cfg.local_steps, cfg.batch_size,
                            int(state.data_seed), cfg.local_epochs)
-        K, Kp = len(cohort), self.layout.padded
-        cloud_of = self.data.client_cloud[cohort]
-        weights = (self.num_train[cohort] if cfg.weighting == "examples" else np.ones(K))
-        weights = weights.astype(np.float32) * received[cloud_of]
+        K, Kp = len(ids), self.layout.padded
+        cloud_of = self.data.client_cloud[ids]
+        arrived = (received[cloud_of] > 0) & ~cohort.dropped
+        weights = self.num_train[ids] if cfg.weighting == "examples" else np.ones(K)
+        weights = np.where(arrived, weights, 0).astype(np.float32)
+        attacked = self.byzantine[ids]
+        tokens = rb.tokens
+        if self.cfg.attack.kind == "label_flip" and attacked.any():
+            tokens = tokens.copy()
+            tokens[attacked] = participation.flip_labels(tokens[attacked], self.data.vocab_size)
+        step_mask = rb.step_mask & (np.arange(cfg.local_steps)[None, :] < cohort.steps[:, None])
+        step_mask &= (received[cloud_of] > 0)[:, None]
         keys = np.asarray(jax.random.key_data(jax.random.split(k_clients, self.data.num_clients)))
         onehot = np.eye(len(self.cloud_names), dtype=np.float32)[cloud_of]
         pad = lambda a: np.concatenate([a, np.zeros((Kp - K,) + a.shape[1:], a.dtype)])
-        step_mask = rb.step_mask & (received[cloud_of] > 0)[:, None]
-        batches = ClientBatches(tokens=pad(rb.tokens), loss_mask=pad(rb.loss_mask), step_mask=pad(step_mask))
-        inputs = RoundInputs(batches=batches, keys=pad(keys[cohort]), weights=pad(weights), onehot=pad(onehot))
-        return inputs, rb.cursors
-
-    def _server_step_fn(self, params, opt_state, agg_state, deltas_C, weights_C):
-        update, agg_state = self.aggregator.update(deltas_C, weights_C, agg_state, params)
-        pseudo_grad = jax.tree.map(jnp.negative, update)
-        updates, opt_state = self.server_opt.update(pseudo_grad, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
-        return new_params, opt_state, agg_state, optax.tree.norm(update), finite
+        slots = np.concatenate([ids, np.zeros(Kp - K, np.int64)])
+        batches = ClientBatches(inputs={"tokens": pad(tokens), "loss_mask": pad(rb.loss_mask)},
+                                step_mask=pad(step_mask))
+        inputs = RoundInputs(batches=batches, keys=pad(keys[ids]), weights=pad(weights), onehot=pad(onehot),
+                             attacked=pad(attacked),
+                             state=jax.tree.map(lambda s: s[slots], state.client_states))
+        return inputs, rb.cursors, slots
 
     def _hop(self, tree, like, sender: str, recipient: str, rnd: int, link: Link):
         """Send one tree across the boundary; returns (tree or None, bytes, seconds, error)."""
@@ -172,33 +169,33 @@ class Federation:
         """One federated round; returns the new state and this round's metrics."""
         t0 = time.perf_counter()
         rnd = int(state.round) + 1
-        key, k_sample, k_clients = jax.random.split(jax.random.wrap_key_data(state.key), 3)
-        cohort = self.sample_cohort(k_sample)
-        self._cohort = cohort
+        key, k_round = jax.random.split(jax.random.wrap_key_data(state.key))
+        cohort = self.sample_cohort(jax.random.fold_in(k_round, _COHORT), rnd)
+        self._cohort = cohort.ids
         C = len(self.cloud_names)
         clouds = [dict(bytes_down=0, bytes_up=0, comm_s=0.0, error=None) for _ in range(C)]
 
-        # Downlink: the global model crosses into every cloud.
-        received = np.ones(C, np.float32)
-        params_in = state.params
+        # Downlink: the global model (and what the algorithm broadcasts) crosses into every cloud.
+        down = {"params": state.params, "broadcast": self.algo.aggregator.broadcast(state.agg_state)}
+        received, down_in = np.ones(C, np.float32), down
         for c, name in enumerate(self.cloud_names):
-            tree, nbytes, secs, err = self._hop(state.params, state.params, AGGREGATOR, name, rnd,
-                                                self.links[c])
+            tree, nbytes, secs, err = self._hop(down, down, AGGREGATOR, name, rnd, self.links[c])
             clouds[c].update(bytes_down=nbytes, comm_s=secs, error=err)
             received[c] = tree is not None
             if tree is not None and c == 0:
-                params_in = tree  # every cloud decodes the same bytes; one copy feeds the compute
+                down_in = tree  # every cloud decodes the same bytes; one copy feeds the compute
 
-        inputs, cursors = self._round_inputs(state, cohort, k_clients, received)
+        inputs, cursors, slots = self._round_inputs(state, cohort, jax.random.fold_in(k_round, _CLIENT_KEYS),
+                                                    received)
+        args = (down_in["params"], self.frozen, down_in["broadcast"])
         if self.cfg.client.backend == "loop":
-            result = self._compute(state.params if params_in is None else params_in, self.frozen,
-                                   inputs, self.hparams, rnd)
+            result = self._compute(*args, inputs, self.hparams, rnd)
         else:
-            inputs = jax.device_put(inputs, input_sharding(self.mesh))
-            result = self._compute(params_in, self.frozen, inputs, self.hparams)
-        K = len(cohort)
+            result = self._compute(*args, jax.device_put(inputs, input_sharding(self.mesh)), self.hparams)
+        K = len(cohort.ids)
+        weights = np.asarray(inputs.weights)[:K]
         finite = np.asarray(result.finite)[:K]
-        bad = [self._describe_slot(i) for i in np.flatnonzero(~finite & (np.asarray(inputs.weights)[:K] > 0))]
+        bad = [self._describe_slot(i) for i in np.flatnonzero(~finite & (weights > 0))]
         if bad and self.cfg.run.on_nonfinite == "stop":
             raise NonFiniteError(f"round {rnd}: non-finite update or loss from {'; '.join(bad)} "
                                  f"(run.on_nonfinite=stop; the global model is unchanged)")
@@ -219,17 +216,27 @@ class Federation:
         stacked: CloudAggregate = jax.tree.map(lambda *a: np.stack(a), *rows)
 
         new_params, opt_state, agg_state, update_norm, ok = self._server_step(
-            state.params, state.opt_state, state.agg_state, stacked.delta, stacked.weight)
+            state.params, state.opt_state, state.agg_state, stacked)
         if not bool(ok):
             raise NonFiniteError(f"round {rnd}: the aggregated global model is not finite "
                                  f"(update norm {float(update_norm)}); it was not applied")
+        # Only clients whose update counted keep their new per-client state.
+        counted = finite & (weights > 0) & (stacked.weight[self.data.client_cloud[cohort.ids]] > 0)
+        ids = cohort.ids
+
+        def keep_counted(old, new):
+            mask = counted.reshape((-1,) + (1,) * (new.ndim - 1))
+            return old.at[ids].set(jnp.where(mask, new[:K], old[ids]))
+
+        client_states = jax.tree.map(keep_counted, state.client_states, result.state)
         new_state = state.replace(round=jnp.int32(rnd), params=new_params, opt_state=opt_state,
-                                  agg_state=agg_state, key=jax.random.key_data(key), data_cursors=cursors)
-        metrics = self._round_metrics(rnd, stacked, clouds, bad, float(update_norm),
+                                  agg_state=agg_state, client_states=client_states,
+                                  key=jax.random.key_data(key), data_cursors=cursors)
+        metrics = self._round_metrics(rnd, stacked, clouds, bad, cohort, float(update_norm),
                                       time.perf_counter() - t0)
         return new_state, metrics
 
-    def _round_metrics(self, rnd, stacked, clouds, bad, update_norm, wall_s) -> dict:
+    def _round_metrics(self, rnd, stacked, clouds, bad, cohort, update_norm, wall_s) -> dict:
         loss_sum, tokens = np.asarray(stacked.loss_sum), np.asarray(stacked.tokens)
         per_cloud = {}
         for c, name in enumerate(self.cloud_names):
@@ -241,12 +248,15 @@ class Federation:
                 comm_s=clouds[c]["comm_s"], error=clouds[c]["error"])
         total_tokens = float(tokens.sum())
         train_loss = float(loss_sum.sum() / total_tokens) if total_tokens else None
+        names = lambda mask: [self.data.client_names[i] for i in cohort.ids[mask]]
         return dict(
             round=rnd, train_loss=train_loss, train_ppl=perplexity(train_loss),
             tokens=total_tokens, tokens_per_s=total_tokens / wall_s, wall_s=wall_s,
             comm_s=max(c["comm_s"] for c in clouds), update_norm=update_norm,
-            clients=int(stacked.clients.sum()), nonfinite_dropped=len(bad), nonfinite_clients=bad,
-            clouds=per_cloud)
+            clients=int(stacked.clients.sum()), sampled=len(cohort.ids),
+            dropped=int(cohort.dropped.sum()), stragglers=int((cohort.steps < self.cfg.client.local_steps).sum()),
+            attacked_clients=names(self.byzantine[cohort.ids]),
+            nonfinite_dropped=len(bad), nonfinite_clients=bad, clouds=per_cloud)
 
     def evaluate(self, state: ServerState) -> dict:
         """Eval loss and perplexity of the global model, global and per cloud."""

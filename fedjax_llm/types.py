@@ -11,10 +11,13 @@ Params = Any  # nested dict of arrays (see fedjax_llm.models.params)
 
 @struct.dataclass
 class ClientBatches:
-    """One client's (or, with leading axes, many clients') local data for a round."""
+    """One client's (or, with leading axes, many clients') local data for a round.
 
-    tokens: jax.Array      # [S, B, T] int32
-    loss_mask: jax.Array   # [S, B, T] float32, 1 on target tokens
+    `inputs` is the task's pytree with leaves [S, B, ...]; for language modelling it is
+    {"tokens": [S, B, T] int32, "loss_mask": [S, B, T] float32}.
+    """
+
+    inputs: Any
     step_mask: jax.Array   # [S] bool, False = the step is padding and must not move the model
 
 
@@ -29,8 +32,10 @@ class ClientHParams:
 class ClientOutput:
     """What one client's local training returns."""
 
-    delta: Params          # local params - global params (trainable part only)
-    weight: jax.Array      # scalar float32 aggregation weight (examples, or 1 for uniform)
+    delta: Params          # local params - global params (trainable part), after the algorithm's finish
+    weight: jax.Array      # scalar float32 aggregation weight (examples, or 1 for uniform); 0 = absent
+    steps: jax.Array       # optimizer steps actually taken (FedNova's tau)
+    aux: Any               # extra per-client outputs of the algorithm (SCAFFOLD's control delta); ()
     loss_sum: jax.Array    # summed token loss over the local steps
     tokens: jax.Array      # target tokens trained on
     finite: jax.Array      # bool: the update and loss are all finite
@@ -40,8 +45,10 @@ class ClientOutput:
 class CloudAggregate:
     """A cloud's reduction of its clients: the message it sends to the global aggregator."""
 
-    delta: Params          # weighted mean of its clients' deltas
+    delta: Params          # the cloud's rule over its clients' deltas (weighted mean by default)
     weight: jax.Array      # sum of its clients' weights
+    steps: jax.Array       # weight-averaged local steps
+    aux: Any               # uniform mean over its present clients of their aux outputs
     loss_sum: jax.Array
     tokens: jax.Array
     clients: jax.Array     # clients that contributed (finite, weight > 0)

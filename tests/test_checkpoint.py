@@ -20,6 +20,7 @@ def _state(seed: int, rnd: int = 1) -> ServerState:
     opt_state = opt.init(params)
     _, opt_state = opt.update(params, opt_state, params)  # non-trivial moments and count
     return ServerState(round=jnp.int32(rnd), params=params, opt_state=opt_state, agg_state=(),
+                       client_states={"scaffold": {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}},
                        key=jax.random.key_data(jax.random.key(seed)),
                        data_cursors=rng.integers(0, 1000, size=5).astype(np.int64),
                        data_seed=np.asarray(rng.integers(0, 2**32 - 1), np.uint32))

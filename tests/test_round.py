@@ -45,8 +45,9 @@ def reference_round(fed: Federation, state):
     """One round written independently: a Python loop of plain optax steps per client, then the
     example-weighted mean of all client deltas (flat, ignoring the cloud hierarchy) in NumPy."""
     cfg = fed.cfg.client
-    _, k_sample, k_clients = jax.random.split(jax.random.wrap_key_data(state.key), 3)
-    cohort = fed.sample_cohort(k_sample)
+    _, k_round = jax.random.split(jax.random.wrap_key_data(state.key))
+    cohort = fed.sample_cohort(jax.random.fold_in(k_round, 11)).ids
+    k_clients = jax.random.fold_in(k_round, 12)
     rb = round_batches(fed.data, cohort, state.data_cursors, cfg.local_steps, cfg.batch_size,
                        int(state.data_seed))
     keys = jax.random.split(k_clients, fed.data.num_clients)[cohort]
@@ -216,10 +217,10 @@ def test_sampled_cohort_is_per_cloud_and_keyed(cfg, data):
     assert fed.cohort_size == 6
     seen = set()
     for r in range(20):
-        cohort = fed.sample_cohort(jax.random.key(r))
+        cohort = fed.sample_cohort(jax.random.key(r)).ids
         assert len(cohort) == 6 and len(set(cohort)) == 6
         assert np.all(np.bincount(data.client_cloud[cohort], minlength=3) == 2)
-        np.testing.assert_array_equal(cohort, fed.sample_cohort(jax.random.key(r)))
+        np.testing.assert_array_equal(cohort, fed.sample_cohort(jax.random.key(r)).ids)
         seen.update(cohort.tolist())
     assert seen == set(range(9))
     state, m = fed.run_round(fed.init_state())
@@ -238,15 +239,16 @@ def test_loop_backend_names_the_failing_client_and_stage(cfg, data):
             raise RuntimeError("disk quota exceeded while reading shard")
         return np.float32(0)
 
-    from fedjax_llm.client import client_optimizer, make_local_update
-    base = make_local_update(fed.fns.apply, client_optimizer(fed.cfg.client))
+    from fedjax_llm.client import client_optimizer, make_lm_loss, make_local_update
+    base = make_local_update(make_lm_loss(fed.fns.apply), client_optimizer(fed.cfg.client))
 
-    def flaky(trainable, frozen, batches, key, hparams, weight):
-        out = base(trainable, frozen, batches, key, hparams, weight)
+    def flaky(trainable, frozen, batches, key, hparams, weight, state, broadcast):
+        out, state = base(trainable, frozen, batches, key, hparams, weight, state, broadcast)
         bump = jax.pure_callback(fail_on_weight, jax.ShapeDtypeStruct((), np.float32), weight)
-        return out.replace(loss_sum=out.loss_sum + bump)
+        return out.replace(loss_sum=out.loss_sum + bump), state
 
-    fed._compute = round_mod.make_loop_compute(flaky, fed.reducer, 3, fed._describe_slot)
+    fed._compute = round_mod.make_loop_compute(flaky, fed.algo.reducer, fed.algo.transform, 3,
+                                               fed._describe_slot)
     with pytest.raises(round_mod.ClientStageError,
                        match=rf"round 1, cloud '\w+', client 5 \({data.client_names[5]}\): stage local_update"):
         fed.run_round(fed.init_state())

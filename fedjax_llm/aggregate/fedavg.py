@@ -1,7 +1,8 @@
-"""FedAvg (McMahan et al., AISTATS 2017): the example-weighted mean of updates, and server optimizers.
+"""FedAvg (McMahan et al., AISTATS 2017) and FedOpt's server optimizers (Reddi et al., ICLR 2021).
 
-FedOpt (Reddi et al., ICLR 2021) is the same mean followed by an optax optimizer on the server, applied
-to the pseudo-gradient `-mean_delta`; plain FedAvg is that optimizer being SGD with learning rate 1.
+The global update is the example-weighted mean of the cloud messages; the server applies an optax
+optimizer to the pseudo-gradient `-update`. Plain FedAvg is SGD with learning rate 1, FedAvgM adds
+momentum, FedAdam / FedYogi / FedAdagrad swap in those optimizers.
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_llm.aggregate.base import Aggregator
-from fedjax_llm.config import AggregatorConfig
-from fedjax_llm.types import Params
+from fedjax_llm.aggregate.base import Aggregator, Rule
+from fedjax_llm.types import CloudAggregate, Params
 
 
-class FedAvgState(NamedTuple):
-    """FedAvg keeps no state; the empty tuple still checkpoints and threads like any other."""
+class EmptyState(NamedTuple):
+    """For aggregators that keep no state; still checkpoints and threads like any other."""
 
 
 def weighted_mean(updates_N: Params, weights_N: jax.Array) -> Params:
@@ -35,32 +35,36 @@ def weighted_mean(updates_N: Params, weights_N: jax.Array) -> Params:
     return jax.tree.map(mean, updates_N)
 
 
-def fedavg() -> Aggregator:
-    """The FedAvg aggregator over stacked updates."""
+def rule_aggregator(rule: Rule) -> Aggregator:
+    """A stateless aggregator applying `rule` to the stacked messages' deltas and weights."""
 
-    def init(params: Params) -> FedAvgState:
+    def init(params: Params) -> EmptyState:
         del params
-        return FedAvgState()
+        return EmptyState()
 
-    def update(updates_N, weights_N, state, params: Optional[Params] = None):
+    def update(msgs: CloudAggregate, state, params: Optional[Params] = None):
         del params
-        return weighted_mean(updates_N, weights_N), state
+        return rule(msgs.delta, msgs.weight), state
 
     return Aggregator(init=init, update=update)
 
 
-def server_optimizer(cfg: AggregatorConfig) -> optax.GradientTransformation:
-    """The optimizer the server applies to the pseudo-gradient -aggregate."""
-    if cfg.server_optimizer == "sgd":
-        return optax.sgd(cfg.server_lr)
-    if cfg.server_optimizer == "momentum":
-        return optax.sgd(cfg.server_lr, momentum=cfg.server_momentum)
-    if cfg.server_optimizer == "adam":
-        return optax.adam(cfg.server_lr, b1=cfg.server_b1, b2=cfg.server_b2, eps=cfg.server_eps)
-    raise ValueError(f"aggregator.server_optimizer: unknown {cfg.server_optimizer!r}")
+def fedavg() -> Aggregator:
+    """The FedAvg aggregator: the weighted mean of the messages."""
+    return rule_aggregator(weighted_mean)
 
 
-def make_aggregator(cfg: AggregatorConfig) -> Aggregator:
-    if cfg.name == "fedavg":
-        return fedavg()
-    raise ValueError(f"aggregator.name: unknown aggregator {cfg.name!r}")
+def server_optimizer(name: str, lr: float, momentum: float = 0.9, b1: float = 0.9, b2: float = 0.99,
+                     eps: float = 1e-3) -> optax.GradientTransformation:
+    """The optimizer the server applies to the pseudo-gradient -aggregate (eps is FedOpt's tau)."""
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=momentum)
+    if name == "adam":
+        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    if name == "yogi":
+        return optax.yogi(lr, b1=b1, b2=b2, eps=eps)
+    if name == "adagrad":
+        return optax.adagrad(lr, initial_accumulator_value=0.0, eps=eps)
+    raise ValueError(f"algorithm.server_optimizer: unknown optimizer {name!r}")
