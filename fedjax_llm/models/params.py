@@ -1,7 +1,8 @@
-"""Plain-pytree view of the NNX Llama: init, the pure apply function, LoRA merging, counting.
+"""Plain-pytree view of the NNX models: init, the pure apply function, LoRA merging, counting.
 
 Everything outside this package sees `Params`: nested dicts with str keys (layer indices "0", "1",
 ...) whose paths mirror Hugging Face names. The NNX module only exists inside `apply`'s trace.
+The spec's type picks the module (LlamaSpec: Llama/Qwen2/Mistral, GPT2Spec: GPT-2, BertSpec: BERT).
 """
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_llm.models.bert import Bert, HeadParam
+from fedjax_llm.models.gpt2 import GPT2
+from fedjax_llm.models.layers import check_length
 from fedjax_llm.models.llama import Llama
 from fedjax_llm.models.lora import INIT_RULES, init_scale
-from fedjax_llm.models.spec import LlamaSpec, check_spec
+from fedjax_llm.models.spec import BertSpec, GPT2Spec, LlamaSpec, ModelSpec, check_spec
+
+# spec type -> NNX module built from it.
+MODULES: dict[type, Callable[[Any, nnx.Rngs], nnx.Module]] = {
+    LlamaSpec: Llama, GPT2Spec: GPT2, BertSpec: Bert}
+# Trained even under LoRA: the adapters, and task heads that start random.
+TRAINABLE_WITH_LORA = nnx.Any(nnx.LoRAParam, HeadParam)
 
 Params = dict  # nested dicts with str keys only, leaves jax arrays (or ShapeDtypeStruct)
 
@@ -25,10 +35,12 @@ Params = dict  # nested dicts with str keys only, leaves jax arrays (or ShapeDty
 class ModelFns:
     """The pure forward of one spec.
 
-    apply(trainable, frozen, tokens_BxT, dropout_key=None) -> logits_BxTxV (float32).
+    Causal LMs: apply(trainable, frozen, tokens_BxT, dropout_key=None) -> logits_BxTxV (float32).
+    BERT: apply(trainable, frozen, tokens_BxT, dropout_key=None, attention_mask=None,
+    token_type_ids=None) -> spec.output (hidden_BxTxD, pooled_BxD or logits_BxL; float32).
     """
 
-    spec: LlamaSpec
+    spec: ModelSpec
     apply: Callable[..., jax.Array]
 
 
@@ -80,16 +92,17 @@ def _mismatch(expected: Params, got: Params) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _skeleton(spec: LlamaSpec) -> tuple[nnx.GraphDef, Params, Params]:
-    """(graphdef, abstract adapters, abstract base) of spec, traced once without allocating."""
+def _skeleton(spec: ModelSpec) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graphdef, abstract adapters and heads, abstract base) of spec, traced without allocating."""
     check_spec(spec)
-    model = nnx.eval_shape(lambda: Llama(spec, nnx.Rngs(params=0, lora=1)))
-    graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+    module = MODULES[type(spec)]
+    model = nnx.eval_shape(lambda: module(spec, nnx.Rngs(params=0, lora=1)))
+    graphdef, adapters, base = nnx.split(model, TRAINABLE_WITH_LORA, nnx.Param)
     return graphdef, _str_keys(nnx.to_pure_dict(adapters)), _str_keys(nnx.to_pure_dict(base))
 
 
 @functools.lru_cache(maxsize=None)
-def model_fns(spec: LlamaSpec) -> ModelFns:
+def model_fns(spec: ModelSpec) -> ModelFns:
     """Builds the pure apply function once per spec, so jit caches are shared across init calls."""
     graphdef, adapters, base = _skeleton(spec)
     expected = combine(adapters, base)
@@ -97,14 +110,15 @@ def model_fns(spec: LlamaSpec) -> ModelFns:
     shapes = [x.shape for x in jax.tree.leaves(expected)]
 
     def apply(trainable: Params, frozen: Params, tokens_BxT: jax.Array,
-              dropout_key: Optional[jax.Array] = None) -> jax.Array:
+              dropout_key: Optional[jax.Array] = None, **inputs: jax.Array) -> jax.Array:
+        check_length(spec, tokens_BxT.shape[1])
         params = combine(trainable, frozen)
         leaves, got_treedef = jax.tree.flatten(params)
         if got_treedef != treedef or [x.shape for x in leaves] != shapes:
             raise ValueError("models.apply: param tree does not fit the spec: "
                              f"{_mismatch(expected, params)}")
         model = nnx.merge(graphdef, _nnx_keys(params))
-        return model(tokens_BxT, dropout_key)
+        return model(tokens_BxT, dropout_key, **inputs)
 
     return ModelFns(spec=spec, apply=apply)
 
@@ -139,33 +153,48 @@ def _fill(abstract: Params, key: jax.Array) -> Params:
     return jax.tree.unflatten(treedef, values)
 
 
-def _init_params(spec: LlamaSpec, key: jax.Array) -> tuple[Params, Params]:
+def _init_params(spec: ModelSpec, key: jax.Array) -> tuple[Params, Params]:
     # Separate keys for base and adapters: base weights do not depend on whether LoRA is on.
     _, adapters, base = _skeleton(spec)
     base_key, lora_key = jax.random.split(key)
     base = _fill(base, base_key)
-    return (base, {}) if spec.lora is None else (_fill(adapters, lora_key), base)
+    adapters = _fill(adapters, lora_key) if adapters else {}
+    return (combine(adapters, base), {}) if spec.lora is None else (adapters, base)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_init(spec: LlamaSpec) -> Callable[[jax.Array], tuple[Params, Params]]:
+def _jitted_init(spec: ModelSpec) -> Callable[[jax.Array], tuple[Params, Params]]:
     return jax.jit(functools.partial(_init_params, spec))
 
 
-def init_model(spec: LlamaSpec, key: jax.Array) -> tuple[ModelFns, Params, Params]:
-    """(fns, trainable, frozen): all nnx.Param trainable without LoRA; else only the adapters."""
+def init_model(spec: ModelSpec, key: jax.Array) -> tuple[ModelFns, Params, Params]:
+    """(fns, trainable, frozen): all nnx.Param trainable without LoRA; else adapters (and heads)."""
     fns = model_fns(spec)
     trainable, frozen = _jitted_init(spec)(key)
     return fns, trainable, frozen
 
 
-def abstract_params(spec: LlamaSpec) -> tuple[Params, Params]:
+@functools.lru_cache(maxsize=None)
+def _jitted_trainable_init(spec: ModelSpec) -> Callable[[jax.Array], Params]:
+    _, adapters, _ = _skeleton(spec)
+    return jax.jit(lambda key: _fill(adapters, jax.random.split(key)[1]) if adapters else {})
+
+
+def init_trainable(spec: ModelSpec, key: jax.Array) -> Params:
+    """Adapters and task heads exactly as init_model(spec, key) draws them, without the base."""
+    return _jitted_trainable_init(spec)(key)
+
+
+def abstract_params(spec: ModelSpec) -> tuple[Params, Params]:
     """ShapeDtypeStruct trees of (trainable, frozen), without allocating any weights."""
     return jax.eval_shape(functools.partial(_init_params, spec), jax.random.key(0))
 
 
-def merge_lora(spec: LlamaSpec, trainable: Params, frozen: Params) -> Params:
-    """Base params with W + scale * A @ B folded in: full params of the same spec with lora=None."""
+def merge_lora(spec: ModelSpec, trainable: Params, frozen: Params) -> Params:
+    """Base params with W + scale * A @ B folded in: full params of the same spec with lora=None.
+
+    Trainable leaves that are not adapters (task heads) are kept as they are.
+    """
     if spec.lora is None:
         return combine(trainable, frozen)
     scale = spec.lora.scale
@@ -175,7 +204,7 @@ def merge_lora(spec: LlamaSpec, trainable: Params, frozen: Params) -> Params:
         for k, v in adapters.items():
             if k == "lora_a" or k == "lora_b":
                 continue
-            out[k] = fold(v, base[k])
+            out[k] = fold(v, base[k]) if isinstance(v, dict) and k in base else v
         if "lora_a" in adapters:
             kernel = base["kernel"]
             a, b = adapters["lora_a"].astype(jnp.float32), adapters["lora_b"].astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Model architecture specs: one table of Llama-family sizes plus LoRA settings.
+"""Model architecture specs: one table of Llama-family sizes, GPT-2 and BERT specs, LoRA settings.
 
 A size is a row of `SIZES`; config fields that are not None override the row. Nothing here imports
 jax, so configs can be validated before any device work starts.
@@ -6,7 +6,7 @@ jax, so configs can be validated before any device work starts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, ffn_dim)
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -19,7 +19,13 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# GPT-2 follows PEFT's suffix match: "c_proj" adapts both attn.c_proj and mlp.c_proj.
+GPT2_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+BERT_LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 DTYPES = ("float32", "bfloat16")
+# Hugging Face hidden_act / activation_function values that the GPT-2 and BERT modules implement.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+BERT_OUTPUTS = ("hidden", "pooled", "logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,11 @@ class LlamaSpec:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     lora: Optional[LoRASpec] = None  # None: full fine-tuning
+    sliding_window: Optional[int] = None  # attention is full: apply rejects longer sequences
+
+    def max_len(self) -> tuple[str, Optional[int]]:
+        """(config field, longest sequence the model computes exactly); None: unbounded."""
+        return "sliding_window", self.sliding_window
 
     @property
     def resolved_head_dim(self) -> int:
@@ -83,6 +94,93 @@ class LlamaSpec:
         return self.n_layers * per_layer + heads + self.d_model
 
 
+@dataclasses.dataclass(frozen=True)
+class GPT2Spec:
+    """GPT-2 (GPT2LMHeadModel): learned positions, pre-LayerNorm blocks, fused c_attn, GELU MLP."""
+
+    vocab_size: int
+    n_positions: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    activation: str = "gelu_new"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    embd_dropout: float = 0.0   # the three HF dropouts act only when apply gets a dropout_key
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    lora: Optional[LoRASpec] = None
+
+    def max_len(self) -> tuple[str, Optional[int]]:
+        return "n_positions", self.n_positions
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection that LoRA may target (c_proj: the attention one)."""
+        d = self.d_model
+        return {"c_attn": (d, 3 * d), "c_proj": (d, d), "c_fc": (d, self.ffn_dim)}
+
+    def param_count(self) -> int:
+        d, f = self.d_model, self.ffn_dim
+        per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+        heads = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + heads + self.n_positions * d + 2 * d
+
+
+@dataclasses.dataclass(frozen=True)
+class BertSpec:
+    """BERT encoder (BertModel) with pooler; num_labels adds BertForSequenceClassification's head.
+
+    output picks what apply returns: "hidden" [B, T, D], "pooled" [B, D] or "logits" [B, num_labels].
+    """
+
+    vocab_size: int
+    max_positions: int
+    type_vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_dim: int
+    activation: str = "gelu"
+    norm_eps: float = 1e-12
+    hidden_dropout: float = 0.0  # HF dropouts act only when apply gets a dropout_key
+    attn_dropout: float = 0.0
+    classifier_dropout: float = 0.0
+    num_labels: Optional[int] = None
+    output: str = "hidden"
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    lora: Optional[LoRASpec] = None
+
+    def max_len(self) -> tuple[str, Optional[int]]:
+        return "max_position_embeddings", self.max_positions
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        d, f = self.d_model, self.ffn_dim
+        return {"query": (d, d), "key": (d, d), "value": (d, d), "attention_output": (d, d),
+                "intermediate": (d, f), "output": (f, d)}
+
+    def param_count(self) -> int:
+        d, f = self.d_model, self.ffn_dim
+        per_layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+        embed = (self.vocab_size + self.max_positions + self.type_vocab_size) * d + 2 * d
+        head = (d + 1) * self.num_labels if self.num_labels else 0
+        return self.n_layers * per_layer + embed + d * d + d + head
+
+
+ModelSpec = Union[LlamaSpec, GPT2Spec, BertSpec]
+
+
 def llama_spec(size: str, vocab_size: int, lora: Optional[LoRASpec] = None,
                **overrides: object) -> LlamaSpec:
     """Builds a spec from a row of SIZES; overrides that are None keep the row's value."""
@@ -94,8 +192,11 @@ def llama_spec(size: str, vocab_size: int, lora: Optional[LoRASpec] = None,
     return LlamaSpec(vocab_size=vocab_size, lora=lora, **fields)  # type: ignore[arg-type]
 
 
-def check_spec(spec: LlamaSpec, prefix: str = "model") -> None:
+def check_spec(spec: ModelSpec, prefix: str = "model") -> None:
     """Raises ValueError naming the config key when the architecture is impossible."""
+    if not isinstance(spec, LlamaSpec):
+        _check_encoder_or_gpt2(spec, prefix)
+        return
     if spec.n_heads % spec.n_kv_heads:
         raise ValueError(f"{prefix}.n_kv_heads: {spec.n_kv_heads} must divide n_heads={spec.n_heads}")
     if spec.head_dim is None and spec.d_model % spec.n_heads:
@@ -113,13 +214,38 @@ def check_spec(spec: LlamaSpec, prefix: str = "model") -> None:
         _check_lora(spec, spec.lora, f"{prefix}.lora")
 
 
-def _check_lora(spec: LlamaSpec, lora: LoRASpec, prefix: str) -> None:
-    if not lora.targets:
-        raise ValueError(f"{prefix}.targets: empty; name at least one of {LORA_TARGETS}")
+def _check_encoder_or_gpt2(spec: Union[GPT2Spec, BertSpec], prefix: str) -> None:
+    """check_spec for GPT2Spec and BertSpec: positive sizes, divisible heads, known names."""
+    names = ["vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim"]
+    names += ["n_positions"] if isinstance(spec, GPT2Spec) else ["max_positions", "type_vocab_size"]
+    for name in names:
+        if getattr(spec, name) <= 0:
+            raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(spec, name)}")
+    if spec.d_model % spec.n_heads:
+        raise ValueError(f"{prefix}.n_heads: {spec.n_heads} must divide d_model={spec.d_model}")
+    if spec.activation not in ACTIVATIONS:
+        raise ValueError(f"{prefix}.activation: {spec.activation!r} not in {ACTIVATIONS}")
+    for name in ("param_dtype", "compute_dtype"):
+        if getattr(spec, name) not in DTYPES:
+            raise ValueError(f"{prefix}.{name}: {getattr(spec, name)!r} not in {DTYPES}")
+    if isinstance(spec, BertSpec):
+        if spec.output not in BERT_OUTPUTS:
+            raise ValueError(f"{prefix}.output: {spec.output!r} not in {BERT_OUTPUTS}")
+        if spec.output == "logits" and not spec.num_labels:
+            raise ValueError(f"{prefix}.num_labels: output='logits' needs num_labels > 0, "
+                             f"got {spec.num_labels}")
+    if spec.lora is not None:
+        _check_lora(spec, spec.lora, f"{prefix}.lora")
+
+
+def _check_lora(spec: ModelSpec, lora: LoRASpec, prefix: str) -> None:
     shapes = spec.projection_shapes()
+    if not lora.targets:
+        raise ValueError(f"{prefix}.targets: empty; name at least one of {tuple(shapes)}")
     for t in lora.targets:
         if t not in shapes:
-            raise ValueError(f"{prefix}.targets: unknown projection {t!r}; expected some of {LORA_TARGETS}")
+            raise ValueError(f"{prefix}.targets: unknown projection {t!r}; expected some of "
+                             f"{tuple(shapes)}")
     if lora.rank <= 0:
         raise ValueError(f"{prefix}.rank: must be > 0, got {lora.rank}")
     for t in lora.targets:

@@ -1,0 +1,112 @@
+"""Flax NNX GPT-2 with the numerics of Hugging Face `GPT2LMHeadModel` and LoRA on its projections.
+
+HF's Conv1D stores weights as [in, out], which is already our kernel layout, so c_attn stays one fused
+[D, 3D] projection (as PEFT adapts it) and import/export copies kernels without a transpose.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_llm.models.layers import ACT_FNS, LayerNorm, attention, check_length, dropout
+from fedjax_llm.models.llama import Embed, fold_key
+from fedjax_llm.models.lora import LoRALinear
+from fedjax_llm.models.spec import GPT2Spec
+
+# fold_in indices of the dropout sites inside one block (LoRA dropout uses 10 + projection index).
+_ATTN_PROBS, _ATTN_RESID, _MLP_RESID = 0, 1, 2
+
+
+def _projection(spec: GPT2Spec, name: str, d_in: int, d_out: int, rngs: nnx.Rngs) -> LoRALinear:
+    """A biased Conv1D-equivalent projection, with adapters when spec.lora targets `name`."""
+    lora = spec.lora
+    adapted = lora is not None and name in lora.targets
+    return LoRALinear(d_in, d_out, rngs=rngs, use_bias=True,
+                      lora_rank=lora.rank if adapted else None,
+                      lora_scale=lora.scale if adapted else 1.0,
+                      lora_dropout=lora.dropout if adapted else 0.0,
+                      param_dtype=jnp.dtype(spec.param_dtype),
+                      compute_dtype=jnp.dtype(spec.compute_dtype))
+
+
+class GPT2Attention(nnx.Module):
+    """Causal multi-head attention from one fused c_attn projection, then c_proj."""
+
+    def __init__(self, spec: GPT2Spec, rngs: nnx.Rngs):
+        d = spec.d_model
+        self.c_attn = _projection(spec, "c_attn", d, 3 * d, rngs)
+        self.c_proj = _projection(spec, "c_proj", d, d, rngs)
+        self.n_heads = spec.n_heads
+        self.attn_dropout = spec.attn_dropout
+
+    def __call__(self, x_BxTxD: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+        b, t, d = x_BxTxD.shape
+        n = self.n_heads
+        qkv_BxTx3D = self.c_attn(x_BxTxD, fold_key(key, 10))
+        q, k, v = (y.reshape(b, t, n, d // n) for y in jnp.split(qkv_BxTx3D, 3, axis=-1))
+        out_BxTxNxH = attention(q, k, v, causal=True, dropout_rate=self.attn_dropout,
+                                dropout_key=fold_key(key, _ATTN_PROBS))
+        return self.c_proj(out_BxTxNxH.reshape(b, t, d), fold_key(key, 11))
+
+
+class GPT2MLP(nnx.Module):
+    """c_proj(act(c_fc(x))), with HF's activation_function (gelu_new for GPT-2)."""
+
+    def __init__(self, spec: GPT2Spec, rngs: nnx.Rngs):
+        self.c_fc = _projection(spec, "c_fc", spec.d_model, spec.ffn_dim, rngs)
+        self.c_proj = _projection(spec, "c_proj", spec.ffn_dim, spec.d_model, rngs)
+        self.activation = spec.activation
+
+    def __call__(self, x_BxTxD: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+        h_BxTxF = ACT_FNS[self.activation](self.c_fc(x_BxTxD, fold_key(key, 12)))
+        return self.c_proj(h_BxTxF, fold_key(key, 13))
+
+
+class GPT2Block(nnx.Module):
+    """Pre-LayerNorm residual block: x + attn(ln_1(x)), then h + mlp(ln_2(h))."""
+
+    def __init__(self, spec: GPT2Spec, rngs: nnx.Rngs):
+        pdt, cdt = jnp.dtype(spec.param_dtype), jnp.dtype(spec.compute_dtype)
+        self.ln_1 = LayerNorm(spec.d_model, spec.norm_eps, pdt, cdt)
+        self.attn = GPT2Attention(spec, rngs)
+        self.ln_2 = LayerNorm(spec.d_model, spec.norm_eps, pdt, cdt)
+        self.mlp = GPT2MLP(spec, rngs)
+        self.resid_dropout = spec.resid_dropout
+
+    def __call__(self, x_BxTxD: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+        a_BxTxD = self.attn(self.ln_1(x_BxTxD), key)
+        h_BxTxD = x_BxTxD + dropout(a_BxTxD, self.resid_dropout, fold_key(key, _ATTN_RESID))
+        m_BxTxD = self.mlp(self.ln_2(h_BxTxD), key)
+        return h_BxTxD + dropout(m_BxTxD, self.resid_dropout, fold_key(key, _MLP_RESID))
+
+
+class GPT2(nnx.Module):
+    """Token + learned position embeddings, n_layers blocks, ln_f, tied (or separate) lm_head."""
+
+    def __init__(self, spec: GPT2Spec, rngs: nnx.Rngs):
+        pdt, cdt = jnp.dtype(spec.param_dtype), jnp.dtype(spec.compute_dtype)
+        self.wte = Embed(spec.vocab_size, spec.d_model, rngs, pdt, cdt)
+        self.wpe = Embed(spec.n_positions, spec.d_model, rngs, pdt, cdt)
+        self.h = nnx.List([GPT2Block(spec, rngs) for _ in range(spec.n_layers)])
+        self.ln_f = LayerNorm(spec.d_model, spec.norm_eps, pdt, cdt)
+        self.lm_head = (None if spec.tie_embeddings else
+                        LoRALinear(spec.d_model, spec.vocab_size, rngs=rngs, param_dtype=pdt,
+                                   compute_dtype=cdt))
+        self.spec = spec
+
+    def __call__(self, tokens_BxT: jax.Array, dropout_key: Optional[jax.Array] = None) -> jax.Array:
+        """Causal LM logits [B, T, V] in float32; HF's dropouts (and LoRA's) only with a key."""
+        t = tokens_BxT.shape[1]
+        check_length(self.spec, t)
+        h_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t)[None, :])
+        h_BxTxD = dropout(h_BxTxD, self.spec.embd_dropout, fold_key(dropout_key, 0))
+        for i, block in enumerate(self.h):
+            h_BxTxD = block(h_BxTxD, fold_key(dropout_key, i + 1))
+        h_BxTxD = self.ln_f(h_BxTxD)
+        head_DxV = (self.wte.embedding[...].T if self.lm_head is None else
+                    self.lm_head.kernel[...])
+        return jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(h_BxTxD.dtype),
+                          preferred_element_type=jnp.float32)
