@@ -10,7 +10,7 @@ Byzantine attacks and norm bounding are per-client transforms applied inside the
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from fedjax_llm.aggregate.fednova import fednova_aggregator, fednova_piece
 from fedjax_llm.aggregate.fedprox import prox_piece
 from fedjax_llm.aggregate.scaffold import scaffold_aggregator, scaffold_piece
 from fedjax_llm.client import ClientPiece
-from fedjax_llm.config import AlgorithmConfig, AttackConfig
+from fedjax_llm.config import AlgorithmConfig, AttackConfig, DPConfig
 from fedjax_llm.types import ClientOutput
 
 # (output, client key, attacked flag) -> output; runs per client inside the jitted round
@@ -79,7 +79,11 @@ def make_transform(a: AlgorithmConfig, attack: AttackConfig) -> ClientTransform:
     return transform
 
 
-def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int) -> Algorithm:
+def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int,
+                    dp: Optional[DPConfig] = None, expected_clients: float = 0.0,
+                    dp_key: Optional[jax.Array] = None, dp_noise_at_clouds: bool = False) -> Algorithm:
+    """The algorithm for a run; with `dp` enabled, DP-FedAvg's clipping and noised sum take the
+    place of the weighted mean (validate() has ruled out the rules and pieces it cannot combine with)."""
     pieces: list[ClientPiece] = []
     if a.prox_mu > 0:
         pieces.append(prox_piece(a.prox_mu))
@@ -93,7 +97,11 @@ def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int) -
     else:
         reducer = buffered_reducer(make_rule(a.client_rule, a))
 
-    if a.scaffold:
+    if dp is not None and dp.enabled:
+        from fedjax_llm.secure.round import dp_aggregator, dp_clip_piece
+        pieces.append(dp_clip_piece())
+        aggregator = dp_aggregator(dp, expected_clients, dp_key, dp_noise_at_clouds)
+    elif a.scaffold:
         aggregator = scaffold_aggregator(population)
     elif a.fednova:
         aggregator = fednova_aggregator()

@@ -148,6 +148,47 @@ class AttackConfig:
 
 
 @dataclasses.dataclass
+class DPConfig:
+    """Client-level DP-FedAvg (McMahan et al., 2018) with an accountant from dp-accounting."""
+
+    enabled: bool = False
+    clip: float = 0.5              # C: per-client L2 bound (initial value when adaptive)
+    noise_multiplier: float = 1.0  # z: noise std = z * C on the sum of clipped updates
+    adaptive: bool = False         # adaptive clipping toward a quantile (Andrew et al., 2021)
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0      # noise on the unclipped count (0 = expected clients / 20)
+    delta: float = 1e-5
+    accountant: str = "rdp"        # rdp | pld
+    target_epsilon: float = 0.0    # > 0: stop before a round would exceed it
+
+
+@dataclasses.dataclass
+class SecAggConfig:
+    """Secure aggregation across clouds (Bonawitz et al., 2017): the aggregator sees only the sum."""
+
+    enabled: bool = False
+    threshold: float = 0.6         # share of clouds whose Shamir shares suffice to unmask (t = ceil)
+    clip_range: float = 1.0        # fixed-point range of the masked values (normalised update sums)
+    frac_bits: int = 20
+    ring_bits: int = 32            # 32 | 64
+
+
+@dataclasses.dataclass
+class SecureConfig:
+    seal: bool = True              # seal every cross-cloud message (X25519 + HKDF + AEAD + Ed25519)
+    cipher: str = "aes-256-gcm"    # aes-256-gcm | chacha20-poly1305
+    chunk_bytes: int = 1048576     # sealed payloads travel as authenticated chunks of this size
+    compression: str = "none"      # none | bf16 | int8 (lossy; uplink only unless compress_downlink)
+    compress_downlink: bool = False
+    keys_dir: Optional[str] = None   # default: <run dir>/keys, generated on first start
+    trust_file: Optional[str] = None  # peers' public keys (default: <keys dir>/trust.json)
+    quorum: int = 1                # clouds whose update must be accepted for a round to count
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
+@dataclasses.dataclass
 class RunConfig:
     rounds: int = 18
     eval_every: int = 1            # rounds between evaluations (the last round always evaluates)
@@ -177,6 +218,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    secure: SecureConfig = field(default_factory=SecureConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -295,6 +337,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_algorithm(cfg)
     _validate_participation(cfg)
     _validate_attack(cfg)
+    _validate_secure(cfg)
 
     r = cfg.run
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
@@ -366,3 +409,55 @@ def _validate_attack(cfg: TrainConfig) -> None:
     if t.kind != "none":
         _require(t.fraction > 0 or t.cloud is not None, "attack.kind",
                  f"={t.kind!r} needs attack.fraction > 0 or attack.cloud")
+
+
+def _validate_secure(cfg: TrainConfig) -> None:
+    s, a = cfg.secure, cfg.algorithm
+    _one_of(s.cipher, "secure.cipher", ("aes-256-gcm", "chacha20-poly1305"))
+    _require(s.chunk_bytes >= 1024, "secure.chunk_bytes", f"must be >= 1024, got {s.chunk_bytes}")
+    _one_of(s.compression, "secure.compression", ("none", "bf16", "int8"))
+    n = len(cfg.clouds.members)
+    _require(1 <= s.quorum <= n, "secure.quorum", f"must be in [1, {n} clouds], got {s.quorum}")
+    mean_only = {"algorithm.client_rule": a.client_rule, "algorithm.cloud_rule": a.cloud_rule}
+    g = s.secagg
+    if g.enabled:
+        _require(n >= 2, "secure.secagg.enabled", "needs at least 2 clouds")
+        _require(0 < g.threshold <= 1, "secure.secagg.threshold", f"must be in (0, 1], got {g.threshold}")
+        _one_of(g.ring_bits, "secure.secagg.ring_bits", (32, 64))
+        _require(g.clip_range > 0, "secure.secagg.clip_range", "must be > 0")
+        _require(a.cloud_rule == "mean", "secure.secagg.enabled",
+                 f"the aggregator sees only the sum, so algorithm.cloud_rule={a.cloud_rule!r} cannot run")
+        for flag in ("scaffold", "fednova"):
+            _require(not getattr(a, flag), "secure.secagg.enabled",
+                     f"sums only the update and weight; algorithm.{flag}=true needs more")
+    d = s.dp
+    if d.enabled:
+        _require(d.clip > 0, "secure.dp.clip", f"must be > 0, got {d.clip}")
+        _require(d.noise_multiplier >= 0, "secure.dp.noise_multiplier", "must be >= 0")
+        _require(0 < d.delta < 1, "secure.dp.delta", f"must be in (0, 1), got {d.delta}")
+        _one_of(d.accountant, "secure.dp.accountant", ("rdp", "pld"))
+        _require(0 < d.target_quantile < 1, "secure.dp.target_quantile", "must be in (0, 1)")
+        _require(cfg.client.weighting == "uniform", "secure.dp.enabled",
+                 f"DP-FedAvg bounds each client's contribution: set client.weighting=uniform "
+                 f"(got {cfg.client.weighting!r})")
+        for key, rule in mean_only.items():
+            _require(rule == "mean", "secure.dp.enabled", f"clips and sums updates; {key}={rule!r} cannot run")
+        for flag in ("scaffold", "fednova"):
+            _require(not getattr(a, flag), "secure.dp.enabled", f"is not defined with algorithm.{flag}=true")
+        _require(cfg.participation.dropout == 0, "secure.dp.enabled",
+                 "accounts Poisson or fixed-size sampling; participation.dropout must be 0")
+        if d.adaptive:
+            sizes = [c.clients for c in cfg.clouds.members.values()]
+            if cfg.participation.sampling == "poisson":
+                expected = sum(sizes) * cfg.participation.fraction
+            elif cfg.participation.sampling == "fraction":
+                expected = sum(max(1, round(cfg.participation.fraction * n)) for n in sizes)
+            else:
+                expected = sum(c.clients_per_round or c.clients for c in cfg.clouds.members.values())
+            sigma_b = d.count_stddev or expected / 20
+            _require(2 * sigma_b > d.noise_multiplier, "secure.dp.count_stddev",
+                     f"adaptive clipping needs 2 * count_stddev > noise_multiplier={d.noise_multiplier}; "
+                     f"it is {sigma_b:.3g} (0 means expected clients / 20 = {expected / 20:.3g})")
+        if d.accountant == "pld":
+            _require(cfg.participation.sampling == "poisson", "secure.dp.accountant",
+                     "pld supports Poisson sampling only (participation.sampling=poisson)")

@@ -75,6 +75,23 @@ def sample_cohort(cfg: TrainConfig, client_cloud: np.ndarray, key: jax.Array, rn
     return Cohort(ids=ids, dropped=dropped.astype(bool), steps=steps)
 
 
+def expected_clients(cfg: TrainConfig, client_cloud: np.ndarray) -> float:
+    """Expected number of clients per round (DP-FedAvg divides its noised sum by this)."""
+    sizes = [int(np.sum(client_cloud == c)) for c in range(len(cfg.clouds.members))]
+    if cfg.participation.sampling == "poisson":
+        return float(sum(sizes) * cfg.participation.fraction)
+    return float(sum(per_cloud_capacity(cfg, sizes)))
+
+
+def sampling_rate(cfg: TrainConfig, client_cloud: np.ndarray) -> float:
+    """Per-client inclusion probability q per round, for privacy accounting (the largest of the
+    clouds' rates under per-cloud fixed-size sampling: a bound for every client)."""
+    if cfg.participation.sampling == "poisson":
+        return float(cfg.participation.fraction)
+    sizes = [int(np.sum(client_cloud == c)) for c in range(len(cfg.clouds.members))]
+    return max(m / n for m, n in zip(per_cloud_capacity(cfg, sizes), sizes))
+
+
 def cohort_capacity(cfg: TrainConfig, client_cloud: np.ndarray) -> int:
     sizes = [int(np.sum(client_cloud == c)) for c in range(len(cfg.clouds.members))]
     return sum(per_cloud_capacity(cfg, sizes))

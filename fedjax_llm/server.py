@@ -32,6 +32,7 @@ from fedjax_llm.config import TrainConfig, model_spec
 from fedjax_llm.data.federated import FederatedData, round_batches
 from fedjax_llm.evaluate import Evaluator, perplexity
 from fedjax_llm.models.params import init_model
+from fedjax_llm.secure.round import SecureSum, dp_noise_std
 from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
                               make_round_compute, plan_layout)
 from fedjax_llm.types import ClientBatches, ClientHParams, CloudAggregate
@@ -43,6 +44,10 @@ _COHORT, _CLIENT_KEYS = 11, 12  # streams derived from a round key
 
 class NonFiniteError(RuntimeError):
     """A NaN/Inf update or model under run.on_nonfinite=stop; the global model was not changed."""
+
+
+class QuorumError(RuntimeError):
+    """Fewer clouds' updates were accepted than secure.quorum; the global model was not changed."""
 
 
 @struct.dataclass
@@ -75,11 +80,19 @@ class Federation:
         self.cfg, self.data = cfg, data
         self.mesh = mesh or make_mesh(cfg.run.devices)
         self.channel = channel or plaintext_channel()
-        self.algo = algorithm or build_algorithm(cfg.algorithm, cfg.attack, data.num_clients)
         self.cloud_names = list(data.cloud_names)
         self.links = [Link.from_config(cfg.clouds.members[n].link) for n in self.cloud_names]
         self.spec = model_spec(cfg, data.vocab_size)
-        self.k_model, self.k_data, self.k_run, k_attack = jax.random.split(jax.random.key(cfg.seed), 4)
+        self.k_model, self.k_data, self.k_run, k_attack, k_dp = jax.random.split(jax.random.key(cfg.seed), 5)
+        self.expected_clients = participation.expected_clients(cfg, data.client_cloud)
+        secure = cfg.secure
+        self.algo = algorithm or build_algorithm(
+            cfg.algorithm, cfg.attack, data.num_clients, dp=secure.dp, expected_clients=self.expected_clients,
+            dp_key=k_dp, dp_noise_at_clouds=secure.secagg.enabled)
+        self.secure_sum = None
+        if secure.secagg.enabled:
+            weights = data.num_train_examples() if cfg.client.weighting == "examples" else np.ones(data.num_clients)
+            self.secure_sum = SecureSum(secure.secagg, self.cloud_names, scale=float(np.sum(weights)))
         self.fns, self.init_params, self.frozen = init_model(self.spec, self.k_model)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
@@ -155,15 +168,26 @@ class Federation:
                              state=jax.tree.map(lambda s: s[slots], state.client_states))
         return inputs, rb.cursors, slots
 
-    def _hop(self, tree, like, sender: str, recipient: str, rnd: int, link: Link):
-        """Send one tree across the boundary; returns (tree or None, bytes, seconds, error)."""
+    def _hop(self, tree, like, sender: str, recipient: str, rnd: int, link: Link, stats: dict):
+        """Send one tree across the boundary; returns the tree the recipient accepted, or None.
+
+        Adds bytes on the wire, simulated link seconds and measured seal/open seconds to `stats`.
+        """
+        t0 = time.perf_counter()
         data = self.channel.send(tree, sender=sender, recipient=recipient, round=rnd)
+        t1 = time.perf_counter()
+        stats["bytes_down" if sender == AGGREGATOR else "bytes_up"] += len(data)
+        stats["comm_s"] += link.transfer_seconds(len(data))
+        stats["seal_s"] += t1 - t0
         try:
             out, _ = self.channel.receive(data, like=like, sender=sender, recipient=recipient, round=rnd)
-            return out, len(data), link.transfer_seconds(len(data)), None
+            return out
         except MessageError as e:
             log.warning("round %d: message %s -> %s rejected: %s", rnd, sender, recipient, e)
-            return None, len(data), link.transfer_seconds(len(data)), f"{type(e).__name__}: {e}"
+            stats["error"] = stats["error"] or f"{sender}->{recipient}: {type(e).__name__}: {e}"
+            return None
+        finally:
+            stats["open_s"] += time.perf_counter() - t1
 
     def run_round(self, state: ServerState) -> tuple[ServerState, dict]:
         """One federated round; returns the new state and this round's metrics."""
@@ -173,17 +197,18 @@ class Federation:
         cohort = self.sample_cohort(jax.random.fold_in(k_round, _COHORT), rnd)
         self._cohort = cohort.ids
         C = len(self.cloud_names)
-        clouds = [dict(bytes_down=0, bytes_up=0, comm_s=0.0, error=None) for _ in range(C)]
+        clouds = [dict(bytes_down=0, bytes_up=0, comm_s=0.0, seal_s=0.0, open_s=0.0, error=None)
+                  for _ in range(C)]
 
         # Downlink: the global model (and what the algorithm broadcasts) crosses into every cloud.
         down = {"params": state.params, "broadcast": self.algo.aggregator.broadcast(state.agg_state)}
-        received, down_in = np.ones(C, np.float32), down
+        received, down_in = np.ones(C, np.float32), None
         for c, name in enumerate(self.cloud_names):
-            tree, nbytes, secs, err = self._hop(down, down, AGGREGATOR, name, rnd, self.links[c])
-            clouds[c].update(bytes_down=nbytes, comm_s=secs, error=err)
+            tree = self._hop(down, down, AGGREGATOR, name, rnd, self.links[c], clouds[c])
             received[c] = tree is not None
-            if tree is not None and c == 0:
+            if tree is not None and down_in is None:
                 down_in = tree  # every cloud decodes the same bytes; one copy feeds the compute
+        down_in = down if down_in is None else down_in
 
         inputs, cursors, slots = self._round_inputs(state, cohort, jax.random.fold_in(k_round, _CLIENT_KEYS),
                                                     received)
@@ -202,18 +227,16 @@ class Federation:
 
         # Uplink: each cloud's aggregate crosses to the global aggregator.
         agg = jax.device_get(result.clouds)
-        like = jax.tree.map(lambda a: a[0], agg)
-        rows = []
-        for c, name in enumerate(self.cloud_names):
-            tree = jax.tree.map(lambda a: a[c], agg)
-            if not received[c]:
-                rows.append(tree.replace(weight=np.float32(0)))
-                continue
-            got, nbytes, secs, err = self._hop(tree, like, name, AGGREGATOR, rnd, self.links[c])
-            clouds[c]["bytes_up"], clouds[c]["error"] = nbytes, err or clouds[c]["error"]
-            clouds[c]["comm_s"] += secs
-            rows.append(got if got is not None else tree.replace(weight=np.float32(0)))
-        stacked: CloudAggregate = jax.tree.map(lambda *a: np.stack(a), *rows)
+        if self.secure_sum is not None:
+            stacked, arrived = self._uplink_secure(rnd, agg, received, clouds, state, k_round)
+        else:
+            stacked, arrived = self._uplink(rnd, agg, received, clouds)
+        quorum = self.cfg.secure.quorum
+        if arrived < quorum:
+            errors = "; ".join(f"{n}: {c['error']}" for n, c in zip(self.cloud_names, clouds) if c["error"])
+            raise QuorumError(f"round {rnd}: only {arrived} of {C} clouds' updates were accepted, below "
+                              f"secure.quorum={quorum} ({errors or 'no cloud had clients'}); the global "
+                              f"model is unchanged")
 
         new_params, opt_state, agg_state, update_norm, ok = self._server_step(
             state.params, state.opt_state, state.agg_state, stacked)
@@ -221,7 +244,8 @@ class Federation:
             raise NonFiniteError(f"round {rnd}: the aggregated global model is not finite "
                                  f"(update norm {float(update_norm)}); it was not applied")
         # Only clients whose update counted keep their new per-client state.
-        counted = finite & (weights > 0) & (stacked.weight[self.data.client_cloud[cohort.ids]] > 0)
+        accepted = np.array([received[c] > 0 and clouds[c]["error"] is None for c in range(C)], np.float32)
+        counted = finite & (weights > 0) & (accepted[self.data.client_cloud[cohort.ids]] > 0)
         ids = cohort.ids
 
         def keep_counted(old, new):
@@ -232,28 +256,80 @@ class Federation:
         new_state = state.replace(round=jnp.int32(rnd), params=new_params, opt_state=opt_state,
                                   agg_state=agg_state, client_states=client_states,
                                   key=jax.random.key_data(key), data_cursors=cursors)
-        metrics = self._round_metrics(rnd, stacked, clouds, bad, cohort, float(update_norm),
+        metrics = self._round_metrics(rnd, agg, accepted, clouds, bad, cohort, float(update_norm),
                                       time.perf_counter() - t0)
         return new_state, metrics
 
-    def _round_metrics(self, rnd, stacked, clouds, bad, cohort, update_norm, wall_s) -> dict:
-        loss_sum, tokens = np.asarray(stacked.loss_sum), np.asarray(stacked.tokens)
+    def _uplink(self, rnd, agg: CloudAggregate, received, clouds) -> tuple[CloudAggregate, int]:
+        """Each cloud's aggregate crosses in its own message; a rejected one counts with weight 0."""
+        like = jax.tree.map(lambda a: a[0], agg)
+        rows = []
+        for c, name in enumerate(self.cloud_names):
+            tree = jax.tree.map(lambda a: a[c], agg)
+            got = None
+            if received[c]:
+                got = self._hop(tree, like, name, AGGREGATOR, rnd, self.links[c], clouds[c])
+            rows.append(got if got is not None else tree.replace(weight=np.float32(0)))
+        stacked = jax.tree.map(lambda *a: np.stack(a), *rows)
+        return stacked, int(np.sum(stacked.weight > 0))
+
+    def _uplink_secure(self, rnd, agg: CloudAggregate, received, clouds, state, k_round):
+        """Secure aggregation across clouds: each cloud sends its masked [update sum, weight]; the
+        aggregator learns only their total over the clouds that arrived. With DP on, each cloud adds
+        its share of the noise first, so no un-noised sum exists outside a cloud."""
+        ss = self.secure_sum
+        ss.start(f"{getattr(self.channel, 'run_id', 'plain')}/{rnd}")
+        like = jax.tree.map(lambda a: a[0], agg)
+        dp = self.cfg.secure.dp
+        noise_std = 0.0
+        if dp.enabled:
+            clip = float(self.algo.aggregator.broadcast(state.agg_state)["dp"])
+            noise_std = dp_noise_std(dp, self.expected_clients, clip) / np.sqrt(ss.t)
+        masked, clipped, public = {}, 0, []
+        for c, name in enumerate(self.cloud_names):
+            if not received[c]:
+                continue
+            msg = jax.tree.map(lambda a: a[c], agg)
+            noise = None
+            if noise_std > 0:
+                from fedjax_llm.secure.dp import gaussian_like
+                noise = gaussian_like(jax.random.fold_in(k_round, 1000 + c), msg.delta, noise_std)
+            vector, outside = ss.vector(msg, noise)
+            clipped += outside
+            tree = {"masked": ss.mask(name, vector), "loss_sum": msg.loss_sum, "tokens": msg.tokens,
+                    "clients": msg.clients, "steps": msg.steps}
+            got = self._hop(tree, tree, name, AGGREGATOR, rnd, self.links[c], clouds[c])
+            if got is not None:
+                masked[name] = got["masked"]
+                public.append(got)
+        if clipped:
+            log.warning("round %d: %d values fell outside secure.secagg.clip_range and were clipped", rnd, clipped)
+        total, weight = ss.unmask(masked, like)  # raises SecAggError below the threshold
+        mean = jax.tree.map(lambda t: t / weight if weight > 0 else t * 0, total)
+        sums = {k: np.float32(sum(float(p[k]) for p in public)) for k in ("loss_sum", "tokens", "clients")}
+        steps = np.float32(np.mean([float(p["steps"]) for p in public])) if public else np.float32(0)
+        one = CloudAggregate(delta=mean, weight=np.float32(weight), steps=steps, aux=like.aux, **sums)
+        return jax.tree.map(lambda a: np.asarray(a)[None], one), len(masked)
+
+    def _round_metrics(self, rnd, agg, accepted, clouds, bad, cohort, update_norm, wall_s) -> dict:
+        """Per-cloud figures come from each cloud's own aggregate; `accepted` marks the clouds whose
+        update reached the model."""
+        loss_sum, tokens = np.asarray(agg.loss_sum), np.asarray(agg.tokens)
+        clients = np.asarray(agg.clients) * accepted
         per_cloud = {}
         for c, name in enumerate(self.cloud_names):
             train_loss = float(loss_sum[c] / tokens[c]) if tokens[c] > 0 else None
-            per_cloud[name] = dict(
-                train_loss=train_loss, train_ppl=perplexity(train_loss),
-                clients=int(stacked.clients[c]), weight=float(stacked.weight[c]),
-                bytes_up=clouds[c]["bytes_up"], bytes_down=clouds[c]["bytes_down"],
-                comm_s=clouds[c]["comm_s"], error=clouds[c]["error"])
+            per_cloud[name] = dict(train_loss=train_loss, train_ppl=perplexity(train_loss),
+                                   clients=int(clients[c]), accepted=bool(accepted[c]), **clouds[c])
         total_tokens = float(tokens.sum())
         train_loss = float(loss_sum.sum() / total_tokens) if total_tokens else None
         names = lambda mask: [self.data.client_names[i] for i in cohort.ids[mask]]
         return dict(
             round=rnd, train_loss=train_loss, train_ppl=perplexity(train_loss),
             tokens=total_tokens, tokens_per_s=total_tokens / wall_s, wall_s=wall_s,
-            comm_s=max(c["comm_s"] for c in clouds), update_norm=update_norm,
-            clients=int(stacked.clients.sum()), sampled=len(cohort.ids),
+            comm_s=max(c["comm_s"] for c in clouds), seal_s=sum(c["seal_s"] for c in clouds),
+            open_s=sum(c["open_s"] for c in clouds), bytes_on_wire=sum(c["bytes_up"] + c["bytes_down"] for c in clouds),
+            update_norm=update_norm, clients=int(clients.sum()), sampled=len(cohort.ids),
             dropped=int(cohort.dropped.sum()), stragglers=int((cohort.steps < self.cfg.client.local_steps).sum()),
             attacked_clients=names(self.byzantine[cohort.ids]),
             nonfinite_dropped=len(bad), nonfinite_clients=bad, clouds=per_cloud)

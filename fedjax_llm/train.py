@@ -41,6 +41,8 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.metrics import MetricsLog, write_json
     from fedjax_llm.models.params import count_params
+    from fedjax_llm.secure.privacy import Privacy
+    from fedjax_llm.secure.round import make_channel
     from fedjax_llm.server import Federation, NonFiniteError
 
     os.makedirs(run_dir, exist_ok=True)
@@ -52,7 +54,10 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
     log.info("data: %d clients in %d clouds, %d train / %d eval examples, vocab %d, %d truncated, "
              "%d excluded", data.num_clients, len(data.cloud_names), int(data.num_train_examples().sum()),
              sum(len(e) for e in data.eval_idx), data.vocab_size, data.num_truncated, data.excluded)
-    fed = Federation(cfg, data)
+    channel, channel_info = make_channel(cfg.secure, data.cloud_names, run_dir, cfg.name)
+    log.info("channel: %s", channel_info)
+    fed = Federation(cfg, data, channel=channel)
+    privacy = Privacy(cfg, data) if cfg.secure.dp.enabled else None
     log.info("model: %d trainable / %d frozen params; cohort %d clients, layout %s on %d %s device(s)",
              count_params(fed.init_params), count_params(fed.frozen), fed.cohort_size,
              fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform)
@@ -70,17 +75,27 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
             raise CheckpointError(f"{ckpt.directory}: the frozen base params differ from the ones the "
                                   "checkpoint was trained with (model or seed changed?)")
         metrics.truncate(int(state.round))
+        if privacy is not None:
+            privacy.restore(meta.get("accountant"))
         log.info("resumed from round %d in %s", int(state.round), ckpt.directory)
     else:
         metrics.reset()
         metrics.append(dict(round=0, **fed.evaluate(state)))
 
     start = int(state.round)
+    stopped_early = None
     history = [r for r in metrics.records() if r.get("eval_loss") is not None]
     bar = _progress(cfg, start)
     try:
         for rnd in range(start + 1, cfg.run.rounds + 1):
+            if privacy is not None and privacy.would_exceed():
+                log.warning("stopping before round %d: it would take epsilon past secure.dp.target_epsilon"
+                            "=%g (now %.4f)", rnd, cfg.secure.dp.target_epsilon, privacy.epsilon())
+                stopped_early = rnd - 1
+                break
             state, record = fed.run_round(state)
+            if privacy is not None:
+                record.update(privacy.step(state))
             if _eval_due(cfg, rnd):
                 t0 = time.perf_counter()
                 ev = fed.evaluate(state)
@@ -90,8 +105,9 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
                 record.update(ev)
                 history.append(record)
             metrics.append(record)
-            if ckpt and ckpt.should_save(rnd):
-                ckpt.save(rnd, state, dict(frozen_digest=frozen_digest, name=cfg.name))
+            if ckpt and (ckpt.should_save(rnd) or (privacy is not None and privacy.would_exceed())):
+                extra = dict(accountant=privacy.state) if privacy is not None else {}
+                ckpt.save(rnd, state, dict(frozen_digest=frozen_digest, name=cfg.name, **extra))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}" if record["train_loss"] else "-",
@@ -121,6 +137,9 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
         bytes_down=sum(c["bytes_down"] for r in rounds for c in r["clouds"].values()),
         comm_s=sum(r["comm_s"] for r in rounds),
         nonfinite_dropped=sum(r["nonfinite_dropped"] for r in rounds),
+        stopped_early_after_round=stopped_early,
+        privacy=privacy.summary() if privacy is not None else None,
+        channel=channel_info,
         wall_s_this_process=time.perf_counter() - t_start,
         jax_version=jax.__version__)
     write_json(os.path.join(run_dir, "summary.json"), summary)

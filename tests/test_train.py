@@ -11,7 +11,7 @@ import pytest
 
 from fedjax_llm.checkpoint import Checkpointer
 
-TIMING = {"wall_s", "tokens_per_s", "eval_s"}
+TIMING = {"wall_s", "tokens_per_s", "eval_s", "seal_s", "open_s"}
 
 
 @pytest.fixture(scope="module")
