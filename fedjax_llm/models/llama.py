@@ -5,7 +5,7 @@ attribute names follow its state dict, so import/export is a rename plus a kerne
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,24 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, j
     return jnp.cos(emb_TxH), jnp.sin(emb_TxH)
 
 
+def rope_at(positions_BxT: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, hd] at each row's own positions (KV-cache decoding); same f32 math as rope_tables."""
+    inv_freq_Hh = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BxTxHh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Hh
+    emb_BxTxH = jnp.concatenate([freqs_BxTxHh, freqs_BxTxHh], axis=-1)
+    return jnp.cos(emb_BxTxH), jnp.sin(emb_BxTxH)
+
+
 def apply_rope(x_BxTxNxH: jax.Array, cos_TxH: jax.Array, sin_TxH: jax.Array) -> jax.Array:
-    """x * cos + rotate_half(x) * sin over the two halves of the last axis (HF, not interleaved)."""
-    t, hd = cos_TxH.shape
-    bshape = (t,) + (1,) * (x_BxTxNxH.ndim - 3) + (hd,)
+    """x * cos + rotate_half(x) * sin over the two halves of the last axis (HF, not interleaved).
+
+    cos/sin are [T, hd] (shared positions) or [B, T, hd] (per-row positions, from rope_at).
+    """
+    if cos_TxH.ndim == 3:
+        bshape = cos_TxH.shape[:2] + (1,) + cos_TxH.shape[2:]
+    else:
+        t, hd = cos_TxH.shape
+        bshape = (t,) + (1,) * (x_BxTxNxH.ndim - 3) + (hd,)
     cos = cos_TxH.reshape(bshape).astype(x_BxTxNxH.dtype)
     sin = sin_TxH.reshape(bshape).astype(x_BxTxNxH.dtype)
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
@@ -47,6 +61,29 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     hand-written grouped einsum (10 AdamW steps, w-tiny, B16 T64).
     """
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True)
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values [B, S, K, hd] for positions 0..S-1 (rotated keys, compute dtype)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def cached_attention(q_BxTxNxH: jax.Array, cache: KVCache, positions_BxT: jax.Array) -> jax.Array:
+    """Grouped-query attention of T new queries over the cache; query at position p sees keys <= p.
+
+    Cache slots past a row's position hold stale or padding entries: the mask hides them.
+    """
+    s = cache.k.shape[1]
+    mask_Bx1xTxS = (jnp.arange(s)[None, None, :] <= positions_BxT[:, :, None])[:, None]
+    return jax.nn.dot_product_attention(q_BxTxNxH, cache.k, cache.v, mask=mask_Bx1xTxS)
+
+
+def write_cache(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each row's T new entries at slots start_b..start_b+T-1 (the caller keeps them < S)."""
+    put = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))  # noqa: E731
+    return jax.vmap(put)(cache_BxSxKxH, new_BxTxKxH, start_B)
 
 
 class RMSNorm(nnx.Module):
@@ -115,6 +152,20 @@ class Attention(nnx.Module):
         out_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
         return self.o_proj(out_BxTxNxH.reshape(b, t, n * hd), key("o_proj"))
 
+    def decode(self, x_BxTxD: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array,
+               cache: KVCache, start_B: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Attention for T new tokens at positions start_b.. of each row, reading and extending the cache."""
+        b, t, _ = x_BxTxD.shape
+        n, kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q_BxTxNxH = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, n, hd), cos_BxTxH, sin_BxTxH)
+        k_BxTxKxH = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, kv, hd), cos_BxTxH, sin_BxTxH)
+        v_BxTxKxH = self.v_proj(x_BxTxD).reshape(b, t, kv, hd)
+        cache = KVCache(write_cache(cache.k, k_BxTxKxH, start_B),
+                        write_cache(cache.v, v_BxTxKxH, start_B))
+        positions_BxT = start_B[:, None] + jnp.arange(t)[None, :]
+        out_BxTxNxH = cached_attention(q_BxTxNxH, cache, positions_BxT)
+        return self.o_proj(out_BxTxNxH.reshape(b, t, n * hd)), cache
+
 
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
@@ -147,6 +198,13 @@ class DecoderLayer(nnx.Module):
                                            dropout_key)
         return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD), dropout_key)
 
+    def decode(self, x_BxTxD: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array,
+               cache: KVCache, start_B: jax.Array) -> tuple[jax.Array, KVCache]:
+        attn_BxTxD, cache = self.self_attn.decode(self.input_layernorm(x_BxTxD), cos_BxTxH,
+                                                  sin_BxTxH, cache, start_B)
+        h_BxTxD = x_BxTxD + attn_BxTxD
+        return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD)), cache
+
 
 class Llama(nnx.Module):
     """Embedding, n_layers decoder blocks, final norm and lm_head (or tied embeddings)."""
@@ -169,6 +227,27 @@ class Llama(nnx.Module):
         h_BxTxD = self.embed_tokens(tokens_BxT)
         for i, layer in enumerate(self.layers):
             h_BxTxD = layer(h_BxTxD, cos_TxH, sin_TxH, fold_key(dropout_key, i))
+        return self._logits(h_BxTxD)
+
+    def decode(self, tokens_BxT: jax.Array, cache: tuple[KVCache, ...],
+               start_B: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """Logits [B, T, V] of T new tokens at positions start_b..start_b+T-1 and the extended cache.
+
+        Prefill is one call with T = prompt length and start 0; each decode step is T = 1. Numerics
+        are those of __call__ (no dropout), so cached logits equal the full forward's.
+        """
+        t = tokens_BxT.shape[1]
+        positions_BxT = start_B[:, None] + jnp.arange(t)[None, :]
+        cos_BxTxH, sin_BxTxH = rope_at(positions_BxT, self.head_dim, self.rope_theta)
+        h_BxTxD = self.embed_tokens(tokens_BxT)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            h_BxTxD, layer_cache = layer.decode(h_BxTxD, cos_BxTxH, sin_BxTxH, layer_cache, start_B)
+            new_cache.append(layer_cache)
+        return self._logits(h_BxTxD), tuple(new_cache)
+
+    def _logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        """Final norm and lm_head (or the tied embedding), logits in float32."""
         h_BxTxD = self.norm(h_BxTxD)
         if self.lm_head is None:
             head_DxV = self.embed_tokens.embedding[...].T

@@ -1,0 +1,80 @@
+"""Reads a finished (or running) run directory back: config, tokenizer, and the checkpointed model.
+
+Generation and export start here. The tokenizer and the frozen base are rebuilt exactly as training
+built them (same data, seed and cached BPE), and the checkpoint's recorded digest of the frozen base
+is checked, so a changed corpus or seed fails loudly instead of pairing adapters with the wrong base.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from fedjax_llm.config import TrainConfig, to_train_config, validate
+from fedjax_llm.models.params import Params
+from fedjax_llm.models.spec import ModelSpec
+
+
+class RunDirError(RuntimeError):
+    """A run directory that cannot be read back; the message names the file or step."""
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    run_dir: str
+    cfg: TrainConfig
+    spec: ModelSpec          # as trained (with LoRA when the run used it)
+    tokenizer: Any           # tokenizers.Tokenizer (PAD/BOS/EOS/SEP = 0..3)
+    trainable: Params        # the checkpoint's global trainable params
+    frozen: Params           # the frozen base ({} for full fine-tuning)
+    initial: Params          # trainable params of the round-0 model
+    round: int               # rounds completed by the checkpointed model
+
+
+def read_config(run_dir: str) -> TrainConfig:
+    """The resolved TrainConfig a run wrote to RUN_DIR/config.yaml."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise RunDirError(f"{path}: not found; is {run_dir!r} a fedjax_llm run directory?")
+    return validate(to_train_config(OmegaConf.load(path)))
+
+
+def _checkpointer(cfg: TrainConfig, directory: str, step: Optional[int]):
+    """A Checkpointer of the run; with `step`, one whose restore considers only that step."""
+    from fedjax_llm.checkpoint import Checkpointer
+
+    class OneStep(Checkpointer):
+        def steps(self) -> list[int]:
+            return [s for s in super().steps() if s == step]
+
+    cls = Checkpointer if step is None else OneStep
+    return cls(directory, cfg.checkpoint.every, cfg.checkpoint.keep, cfg.run.rounds)
+
+
+def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
+    """The newest valid checkpoint of run_dir (or round `step`), its tokenizer and frozen base."""
+    from fedjax_llm.checkpoint import tree_digest
+    from fedjax_llm.data.federated import build_federated_data
+    from fedjax_llm.server import Federation
+
+    cfg = read_config(run_dir)
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise RunDirError(f"{directory}: not found (was checkpoint.enabled=false?)")
+    ckpt = _checkpointer(cfg, directory, step)
+    available = sorted(ckpt.manager.all_steps())
+    if not available:
+        raise RunDirError(f"{directory}: no checkpoint (was checkpoint.enabled=false?)")
+    if step is not None and step not in available:
+        raise RunDirError(f"{directory}: no checkpoint for step {step}; available: {available}")
+    data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
+    fed = Federation(cfg, data)
+    state, meta = ckpt.restore(fed.init_state())
+    if meta.get("frozen_digest") != tree_digest(fed.frozen):
+        raise RunDirError(f"{directory}: step {int(state.round)} was trained on another frozen base "
+                          "than the one rebuilt from config.yaml (model, seed or data changed?)")
+    return LoadedRun(run_dir=run_dir, cfg=cfg, spec=fed.spec, tokenizer=data.tokenizer,
+                     trainable=state.params, frozen=fed.frozen, initial=fed.init_params,
+                     round=int(state.round))

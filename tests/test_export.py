@@ -1,0 +1,134 @@
+"""Export of tiny trained runs, loaded back with `transformers` and `peft` (the independent reference):
+logits parity with our model on the checkpoint's params, tokenizer ids, and greedy generation."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+from fedjax_llm import export, generate as gen  # noqa: E402
+from fedjax_llm.data.tokenizer import BOS, EOS, PAD, SEP  # noqa: E402
+from fedjax_llm.models.params import model_fns  # noqa: E402
+from fedjax_llm.runs import load_run  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import compose_config  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+TOL = 1e-4
+TEXTS = ["How are you?", "Quel est ton nom? Ça va.", "你好，世界", "  spaces\tand\nlines 123 🙂"]
+RUNS = {  # GQA in both; tied embeddings in the full run; LoRA on attention and the MLP
+    "full": ["model.n_kv_heads=2", "model.tie_embeddings=true"],
+    "lora": ["model.n_kv_heads=2", "model.lora.enabled=true", "client.lr=0.05", "checkpoint.every=1",
+             "model.lora.targets=[q_proj,v_proj,o_proj,down_proj]"],
+}
+
+
+_EXPORTS: dict = {}
+
+
+def _export(kind, tmp_path_factory, tokenizer_cache):
+    """(run, export dir) of a 2-round smoke run, trained once per module and kind."""
+    from fedjax_llm.train import run as train
+
+    if kind not in _EXPORTS:
+        root = tmp_path_factory.mktemp(kind)
+        cfg = compose_config(["debug=smoke", "checkpoint.enabled=true", "run.rounds=2",
+                              f"data.tokenizer_cache={tokenizer_cache}", *RUNS[kind]])
+        train(cfg, str(root / "run"))
+        run = load_run(str(root / "run"))
+        export.export_loaded(run, root / "hf")
+        _EXPORTS[kind] = run, root / "hf"
+    return _EXPORTS[kind]
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def exported(request, tmp_path_factory, tokenizer_cache):
+    return _export(request.param, tmp_path_factory, tokenizer_cache)
+
+
+@pytest.fixture(scope="module")
+def lora_exported(tmp_path_factory, tokenizer_cache):
+    return _export("lora", tmp_path_factory, tokenizer_cache)
+
+
+def _tokens(run):
+    rows, _ = gen.encode_prompts(run.tokenizer, TEXTS, run.cfg.data.seq_len)
+    return np.where(rows == PAD, np.arange(rows.shape[1]) % 50 + 4, rows)  # no padding: full rows
+
+
+def _torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def test_transformers_loads_the_model_with_logits_parity(exported):
+    run, out = exported
+    tokens = _tokens(run)
+    ours = np.asarray(model_fns(run.spec).apply(run.trainable, run.frozen, tokens))
+    model = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.tie_word_embeddings == run.spec.tie_embeddings
+    assert np.abs(_torch_logits(model, tokens) - ours).max() < TOL
+    meta = json.loads((out / "fedjax_llm_export.json").read_text())
+    assert meta["round"] == 2 and meta["lora"] == (run.spec.lora is not None)
+    assert (out / "adapter").is_dir() == (run.spec.lora is not None)
+
+
+def test_peft_adapter_on_the_exported_base(lora_exported):
+    run, out = lora_exported
+    tokens = _tokens(run)
+    ours = np.asarray(model_fns(run.spec).apply(run.trainable, run.frozen, tokens))
+    base = tf.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    base_logits = _torch_logits(base, tokens)
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    assert np.abs(_torch_logits(model, tokens) - ours).max() < TOL
+    assert np.abs(base_logits - ours).max() > 10 * TOL  # the adapters matter
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_auto_tokenizer_encodes_like_ours(exported):
+    run, out = exported
+    tok = tf.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.sep_token_id) == (PAD, BOS, EOS, SEP)
+    for text in TEXTS:
+        want = run.tokenizer.encode(text, add_special_tokens=False).ids
+        assert tok(text).input_ids == want
+        assert tok.decode(want) == run.tokenizer.decode(want)
+
+
+def test_transformers_greedy_generate_matches_ours(exported):
+    """HF's generate (its own KV cache, EOS from generation_config) vs our cached greedy decoding."""
+    run, out = exported
+    model = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = tf.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    n = 12
+    rows, lengths = gen.encode_prompts(run.tokenizer, TEXTS[:2], run.cfg.data.seq_len)
+    ours, count = gen.generate(run.spec, run.trainable, run.frozen, rows, lengths, jax.random.key(0),
+                               max_new_tokens=n, greedy=True)
+    for i, text in enumerate(TEXTS[:2]):
+        ids = [BOS, *tok(text).input_ids, SEP]
+        with torch.no_grad():
+            got = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+        assert got[0, len(ids):].tolist() == ours[i, :count[i]].tolist()
+
+
+def test_cli_merged_and_step(lora_exported, tmp_path, capsys):
+    """--merged writes the merged model only; --step exports an older round."""
+    run, _ = lora_exported
+    out = tmp_path / "merged"
+    assert export.main([run.run_dir, "--out", str(out), "--merged", "--step", "1"]) == 0
+    assert f"model: {out}" in capsys.readouterr().out
+    assert not (out / "adapter").exists() and not (out / "base").exists()
+    assert json.loads((out / "fedjax_llm_export.json").read_text())["round"] == 1
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
