@@ -10,6 +10,9 @@
     parties one after another), unmasking at the server; bytes of keys+shares, masked uploads and
     revealed shares. Threshold t = max(n // 2 + 1, n - ceil(0.3 n)), so 30 % dropouts are tolerated.
     Each run checks the unmasked sum against the plaintext fixed-point sum.
+(c) share of round time: the W-small workload of experiments/bench_round.py (3 clouds) run by the
+    engine with a plaintext channel, a sealing channel, and sealing + secure aggregation across clouds;
+    median round seconds of each and the overhead relative to the plaintext round.
 """
 from __future__ import annotations
 
@@ -98,21 +101,71 @@ def bench_secagg(parties: list[int], dropouts: list[float], dims: list[int]) -> 
                 del masked, session
 
 
+def bench_round_share(rounds: int, workload: str = "W-small") -> None:
+    """Round seconds with the plaintext channel, sealed, and sealed + secure aggregation."""
+    import dataclasses
+    import sys
+    import tempfile
+
+    import jax
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_round import WORKLOADS, Workload, make_config, synthetic_data
+
+    from fedjax_llm import config as C
+    from fedjax_llm.secure.round import make_channel
+    from fedjax_llm.server import Federation
+
+    w = Workload(workload, *WORKLOADS[workload])
+    w.K = 9  # three clouds of three clients
+    data = synthetic_data(w)
+    data = dataclasses.replace(data, client_cloud=np.repeat(np.arange(3), 3).astype(np.int32),
+                               cloud_names=["c0", "c1", "c2"])
+    base = make_config(w, 0)
+    base.clouds = C.CloudsConfig(members={n: C.CloudConfig(clients=3) for n in data.cloud_names})
+    print(f"\n(c) share of round time, {workload} (K=9 in 3 clouds), median of {rounds} rounds after a warm-up")
+    print(f"{'channel':<26}{'s/round':>9}{'seal+open s':>13}{'overhead':>10}")
+    plain_s = None
+    for label, seal, secagg in (("plaintext", False, False), ("sealed", True, False),
+                                ("sealed + secagg (clouds)", True, True)):
+        cfg = dataclasses.replace(base, secure=C.SecureConfig(seal=seal, secagg=C.SecAggConfig(enabled=secagg)))
+        cfg = C.validate(cfg)
+        channel, _ = make_channel(cfg.secure, data.cloud_names, tempfile.mkdtemp(), "bench")
+        fed = Federation(cfg, data, channel=channel)
+        state, _ = fed.run_round(fed.init_state())  # warm-up: compilation
+        times, crypto = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            state, m = fed.run_round(state)
+            jax.block_until_ready(state.params)
+            times.append(time.perf_counter() - t0)
+            crypto.append(m["seal_s"] + m["open_s"])
+        sec = statistics.median(times)
+        plain_s = plain_s or sec
+        print(f"{label:<26}{sec:>9.2f}{statistics.median(crypto):>13.3f}{(sec - plain_s) / plain_s:>9.1%}",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes only")
     ap.add_argument("--skip-seal", action="store_true")
     ap.add_argument("--skip-secagg", action="store_true")
+    ap.add_argument("--skip-round", action="store_true")
+    ap.add_argument("--round-only", action="store_true", help="only (c)")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     sizes = [1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]
     parties, dropouts, dims = [3, 10, 30, 100], [0.0, 0.1, 0.3], [10_000, 100_000, 1_000_000]
     if args.quick:
         sizes, parties, dims = sizes[:3], [3, 10], dims[:1]
     print(f"cpu cores: {os.cpu_count()}")
-    if not args.skip_seal:
+    if not args.skip_seal and not args.round_only:
         bench_seal(sizes)
-    if not args.skip_secagg:
+    if not args.skip_secagg and not args.round_only:
         bench_secagg(parties, dropouts, dims)
+    if not args.skip_round:
+        bench_round_share(args.rounds)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,8 @@ class SecAggConfig:
     """Secure aggregation across clouds (Bonawitz et al., 2017): the aggregator sees only the sum."""
 
     enabled: bool = False
+    scope: str = "clouds"          # clouds: the aggregator sums clouds | clients: each cloud sums its
+                                   # clients | both
     threshold: float = 0.6         # share of clouds whose Shamir shares suffice to unmask (t = ceil)
     clip_range: float = 1.0        # fixed-point range of the masked values (normalised update sums)
     frac_bits: int = 20
@@ -421,12 +423,21 @@ def _validate_secure(cfg: TrainConfig) -> None:
     mean_only = {"algorithm.client_rule": a.client_rule, "algorithm.cloud_rule": a.cloud_rule}
     g = s.secagg
     if g.enabled:
-        _require(n >= 2, "secure.secagg.enabled", "needs at least 2 clouds")
+        _one_of(g.scope, "secure.secagg.scope", ("clouds", "clients", "both"))
+        if g.scope != "clients":
+            _require(n >= 2, "secure.secagg.enabled", "across clouds needs at least 2 clouds")
+        if g.scope != "clouds":
+            _require(a.client_rule in ("mean", "norm_bound"), "secure.secagg.scope",
+                     f"={g.scope!r}: a cloud sees only its clients' sum, so algorithm.client_rule="
+                     f"{a.client_rule!r} cannot run")
+            small = [name for name, c in cfg.clouds.members.items() if (c.clients_per_round or c.clients) < 2]
+            _require(not small, "secure.secagg.scope", f"={g.scope!r} needs >= 2 clients per round in {small}")
         _require(0 < g.threshold <= 1, "secure.secagg.threshold", f"must be in (0, 1], got {g.threshold}")
         _one_of(g.ring_bits, "secure.secagg.ring_bits", (32, 64))
         _require(g.clip_range > 0, "secure.secagg.clip_range", "must be > 0")
-        _require(a.cloud_rule == "mean", "secure.secagg.enabled",
-                 f"the aggregator sees only the sum, so algorithm.cloud_rule={a.cloud_rule!r} cannot run")
+        if g.scope != "clients":
+            _require(a.cloud_rule == "mean", "secure.secagg.enabled",
+                     f"the aggregator sees only the sum, so algorithm.cloud_rule={a.cloud_rule!r} cannot run")
         for flag in ("scaffold", "fednova"):
             _require(not getattr(a, flag), "secure.secagg.enabled",
                      f"sums only the update and weight; algorithm.{flag}=true needs more")

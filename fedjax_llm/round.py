@@ -78,6 +78,7 @@ class RoundResult:
     tokens: jax.Array        # [Kp]
     finite: jax.Array        # [Kp] bool
     state: Any               # new per-client state, leaves [Kp, ...]
+    deltas: Any = ()         # with collect=True: (per-client deltas [Kp, ...], sanitized weights [Kp])
 
 
 def sanitize(out: ClientOutput) -> ClientOutput:
@@ -105,8 +106,12 @@ def _client_template(local_update, trainable, frozen, inputs, hparams, broadcast
 
 
 def make_round_compute(local_update: Callable, reducer: Reducer, transform: Callable, num_clouds: int,
-                       mesh: Mesh, layout: RoundLayout) -> Callable[..., RoundResult]:
-    """Returns jit(trainable, frozen, broadcast, inputs: RoundInputs, hparams) -> RoundResult."""
+                       mesh: Mesh, layout: RoundLayout, collect: bool = False) -> Callable[..., RoundResult]:
+    """Returns jit(trainable, frozen, broadcast, inputs: RoundInputs, hparams) -> RoundResult.
+
+    `collect` also returns every client's (sanitized) update, for protocols that must see them one by
+    one on the host (secure aggregation inside a cloud); it costs one update per client of memory.
+    """
     client_axes = (None, None, 0, 0, None, 0, 0, None)
     if layout.chunk == 1:
         # A size-1 vmap turns every matmul into a batched dot, which XLA:CPU runs slower than the
@@ -128,23 +133,25 @@ def make_round_compute(local_update: Callable, reducer: Reducer, transform: Call
             keys = jax.random.wrap_key_data(x.keys)
             out, state = vmapped(trainable, frozen, x.batches, keys, hparams, x.weights, x.state, broadcast)
             out = sanitize(jax.vmap(transform)(out, keys, x.attacked))
-            return reducer.accumulate(acc, out, x.onehot), (out.loss_sum, out.tokens, out.finite, state)
+            kept = (out.delta, out.weight) if collect else ()
+            return reducer.accumulate(acc, out, x.onehot), (out.loss_sum, out.tokens, out.finite, state, kept)
 
         acc, per_client = jax.lax.scan(chunk_step, acc0, local)
         acc = reducer.combine(acc, AXIS)
         return (acc,) + jax.tree.map(lambda a: a[None], per_client)
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
-                            out_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
+                            out_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
 
     @jax.jit
     def compute(trainable: Params, frozen: Params, broadcast: Any, inputs: RoundInputs,
                 hparams: ClientHParams) -> RoundResult:
-        acc, loss_sum, tokens, finite, state = sharded(trainable, frozen, broadcast,
-                                                       _to_layout(inputs, layout), hparams)
+        acc, loss_sum, tokens, finite, state, kept = sharded(trainable, frozen, broadcast,
+                                                             _to_layout(inputs, layout), hparams)
         flat = lambda a: a.reshape((-1,) + a.shape[3:])
         return RoundResult(clouds=reducer.finalize(acc), loss_sum=flat(loss_sum), tokens=flat(tokens),
-                           finite=flat(finite), state=jax.tree.map(flat, state))
+                           finite=flat(finite), state=jax.tree.map(flat, state),
+                           deltas=jax.tree.map(flat, kept))
 
     return compute
 
@@ -159,7 +166,7 @@ class ClientStageError(RuntimeError):
 
 
 def make_loop_compute(local_update: Callable, reducer: Reducer, transform: Callable, num_clouds: int,
-                      describe: Callable[[int], str]) -> Callable[..., RoundResult]:
+                      describe: Callable[[int], str], collect: bool = False) -> Callable[..., RoundResult]:
     """Client-by-client reference: jitted single-client update, host loop, same reducer."""
     update = jax.jit(local_update)
     finish = jax.jit(lambda out, key, attacked: sanitize(transform(out, key, attacked)))
@@ -188,8 +195,11 @@ def make_loop_compute(local_update: Callable, reducer: Reducer, transform: Calla
             outs.append(out)
             states.append(state)
         stack = lambda *a: jnp.stack(a)
+        kept = ((jax.tree.map(stack, *[o.delta for o in outs]), jnp.stack([o.weight for o in outs]))
+                if collect else ())
         return RoundResult(clouds=reducer.finalize(acc), loss_sum=jnp.stack([o.loss_sum for o in outs]),
                            tokens=jnp.stack([o.tokens for o in outs]),
-                           finite=jnp.stack([o.finite for o in outs]), state=jax.tree.map(stack, *states))
+                           finite=jnp.stack([o.finite for o in outs]), state=jax.tree.map(stack, *states),
+                           deltas=kept)
 
     return compute

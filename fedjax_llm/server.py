@@ -32,7 +32,7 @@ from fedjax_llm.config import TrainConfig, model_spec
 from fedjax_llm.data.federated import FederatedData, round_batches
 from fedjax_llm.evaluate import Evaluator, perplexity
 from fedjax_llm.models.params import init_model
-from fedjax_llm.secure.round import SecureSum, dp_noise_std
+from fedjax_llm.secure.round import SecureSum, dp_noise_std, noise_at_clouds, secure_sums_in_clouds
 from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
                               make_round_compute, plan_layout)
 from fedjax_llm.types import ClientBatches, ClientHParams, CloudAggregate
@@ -89,10 +89,12 @@ class Federation:
         self.algo = algorithm or build_algorithm(
             cfg.algorithm, cfg.attack, data.num_clients, dp=secure.dp, expected_clients=self.expected_clients,
             dp_key=k_dp, dp_noise_at_clouds=secure.secagg.enabled)
-        self.secure_sum = None
-        if secure.secagg.enabled:
-            weights = data.num_train_examples() if cfg.client.weighting == "examples" else np.ones(data.num_clients)
-            self.secure_sum = SecureSum(secure.secagg, self.cloud_names, scale=float(np.sum(weights)))
+        self.secure_sum = None  # secure aggregation across clouds
+        g = secure.secagg
+        self.client_weights = data.num_train_examples() if cfg.client.weighting == "examples" else np.ones(data.num_clients)
+        if g.enabled and g.scope != "clients":
+            self.secure_sum = SecureSum(g, self.cloud_names, scale=float(np.sum(self.client_weights)))
+        self.secagg_in_clouds = g.enabled and g.scope != "clouds"
         self.fns, self.init_params, self.frozen = init_model(self.spec, self.k_model)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
@@ -107,10 +109,10 @@ class Federation:
         C = len(self.cloud_names)
         if cfg.client.backend == "loop":
             self._compute = make_loop_compute(local_update, self.algo.reducer, self.algo.transform, C,
-                                              self._describe_slot)
+                                              self._describe_slot, collect=self.secagg_in_clouds)
         else:
             self._compute = make_round_compute(local_update, self.algo.reducer, self.algo.transform, C,
-                                               self.mesh, self.layout)
+                                               self.mesh, self.layout, collect=self.secagg_in_clouds)
         self._server_step = jax.jit(lambda *a: server_update(self.algo, *a))
         self.evaluator = Evaluator(self.fns.apply, data, cfg.data.max_eval_examples,
                                    cfg.run.eval_batch_size)
@@ -227,6 +229,20 @@ class Federation:
 
         # Uplink: each cloud's aggregate crosses to the global aggregator.
         agg = jax.device_get(result.clouds)
+        if self.secagg_in_clouds:
+            deltas, client_weights = jax.device_get(result.deltas)
+            agg, failed = secure_sums_in_clouds(
+                self.cfg.secure.secagg, agg, deltas, client_weights, cohort.ids, self.data.client_names,
+                self.data.client_cloud, self.cloud_names, self.client_weights,
+                f"{getattr(self.channel, 'run_id', 'plain')}/{rnd}")
+            for c, err in failed.items():
+                log.warning("round %d: secure aggregation inside cloud %r failed: %s", rnd, self.cloud_names[c], err)
+                clouds[c]["error"] = f"{self.cloud_names[c]}: {type(err).__name__}: {err}"
+                received[c] = 0  # nothing of this cloud's can count this round
+        if self.cfg.secure.dp.enabled and self.cfg.secure.secagg.enabled and self.secure_sum is None:
+            clip = float(self.algo.aggregator.broadcast(state.agg_state)["dp"])
+            agg = noise_at_clouds(agg, dp_noise_std(self.cfg.secure.dp, self.expected_clients, clip),
+                                  jax.random.fold_in(k_round, 1000), self.cfg.secure.quorum)
         if self.secure_sum is not None:
             stacked, arrived = self._uplink_secure(rnd, agg, received, clouds, state, k_round)
         else:
@@ -294,7 +310,7 @@ class Federation:
             if noise_std > 0:
                 from fedjax_llm.secure.dp import gaussian_like
                 noise = gaussian_like(jax.random.fold_in(k_round, 1000 + c), msg.delta, noise_std)
-            vector, outside = ss.vector(msg, noise)
+            vector, outside = ss.vector(msg.delta, float(msg.weight), noise)
             clipped += outside
             tree = {"masked": ss.mask(name, vector), "loss_sum": msg.loss_sum, "tokens": msg.tokens,
                     "clients": msg.clients, "steps": msg.steps}
@@ -304,7 +320,7 @@ class Federation:
                 public.append(got)
         if clipped:
             log.warning("round %d: %d values fell outside secure.secagg.clip_range and were clipped", rnd, clipped)
-        total, weight = ss.unmask(masked, like)  # raises SecAggError below the threshold
+        total, weight = ss.unmask(masked, like.delta)  # raises SecAggError below the threshold
         mean = jax.tree.map(lambda t: t / weight if weight > 0 else t * 0, total)
         sums = {k: np.float32(sum(float(p[k]) for p in public)) for k in ("loss_sum", "tokens", "clients")}
         steps = np.float32(np.mean([float(p["steps"]) for p in public])) if public else np.float32(0)

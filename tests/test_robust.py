@@ -118,3 +118,10 @@ def test_buffered_reducer_applies_the_rule_per_cloud_in_chunks():
     for c in (0, 1):
         np.testing.assert_allclose(np.asarray(res.delta["a"][c]), np.median(u[cloud == c], axis=0), rtol=1e-6)
     assert list(np.asarray(res.clients)) == [4, 4]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 17, 40, 64, 65])
+def test_sort_axis0_matches_numpy_on_both_paths(n):
+    x = np.random.default_rng(n).normal(size=(n, 33)).astype(np.float32)
+    x[0, :3] = np.inf  # absent entries sort last
+    np.testing.assert_array_equal(np.asarray(robust.sort_axis0(jnp.asarray(x))), np.sort(x, axis=0))

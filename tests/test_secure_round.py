@@ -250,3 +250,55 @@ def test_secure_config_errors_name_the_keys(cache, overrides, key):
     assert str(info.value).startswith(key)
     if "median" in " ".join(overrides):
         assert "median" in str(info.value)
+
+
+def test_secure_sums_in_clouds_match_numpy_weighted_means_and_fail_past_threshold():
+    """Clients of each cloud mask their updates; the cloud's unmasked mean equals the NumPy weighted
+    mean of the clients that arrived (to the fixed-point step); a cloud where more than n - t of its
+    sampled clients dropped is reported and weighted 0, the others are unaffected."""
+    from fedjax_llm.config import SecAggConfig
+    from fedjax_llm.secure.round import secure_sums_in_clouds
+    rng = np.random.default_rng(0)
+    names = [f"c{j}/{i}" for j in range(3) for i in range(4)]
+    client_cloud = np.repeat(np.arange(3), 4)
+    cohort = np.array([0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11])          # client 7 not sampled
+    weights = np.array([3, 1, 0, 2, 5, 0, 1, 0, 0, 4, 0], np.float32)  # 0: dropped after sampling
+    deltas = {"w": rng.normal(size=(11, 5, 3)).astype(np.float32), "b": rng.normal(size=(11, 7)).astype(np.float32)}
+    agg = CloudAggregate(delta=jax.tree.map(lambda a: np.zeros((3,) + a.shape[1:], a.dtype), deltas),
+                         weight=np.array([6, 6, 4], np.float32), loss_sum=np.zeros(3, np.float32),
+                         tokens=np.ones(3, np.float32), clients=np.ones(3, np.float32),
+                         steps=np.ones(3, np.float32), aux={})
+    cfg = SecAggConfig(enabled=True, scope="clients", threshold=0.5)
+    out, failed = secure_sums_in_clouds(cfg, agg, deltas, weights, cohort, names, client_cloud,
+                                        ["c0", "c1", "c2"], np.full(12, 10.0), "test/1")
+    # cloud c2: sampled 8, 9, 10, 11 (4 parties, t = 2); only client 10 answered -> unrecoverable.
+    assert list(failed) == [2] and isinstance(failed[2], SecAggError)
+    assert out.weight.tolist() == [6, 6, 0]
+    step = 2.0 ** -cfg.frac_bits * 40  # fixed-point step x scale (a cloud: 4 clients of weight 10)
+    for c, slots in ((0, [0, 1, 2, 3]), (1, [4, 5, 6])):
+        w = weights[slots].astype(np.float64)
+        for k in deltas:
+            want = np.tensordot(w, deltas[k][slots].astype(np.float64), axes=1) / w.sum()
+            np.testing.assert_allclose(out.delta[k][c], want, atol=4 * step)
+            assert not np.array_equal(out.delta[k][c], agg.delta[k][c])
+
+
+@pytest.mark.parametrize("scope", ["clients", "both"])
+def test_secure_aggregation_inside_clouds_equals_plaintext_with_dropouts(cache, data, scope):
+    extra = ["participation.dropout=0.1"]  # dropped clients masked nothing; the cloud still unmasks
+    plain = Federation(_cfg(cache, *extra), data)
+    secure = Federation(_cfg(cache, *extra, "secure.secagg.enabled=true", f"secure.secagg.scope={scope}"), data)
+    state = plain.init_state()
+    a, ma = plain.run_round(state)
+    b, mb = secure.run_round(state)
+    assert ma["dropped"] == mb["dropped"] > 0
+    assert all(c["error"] is None for c in mb["clouds"].values())  # this seed's dropouts stay within n - t
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    assert 0 < diff < 20 * 2.0 ** -secure.cfg.secure.secagg.frac_bits
+    if scope == "clients":  # t = n inside each cloud: a cloud with any dropout cannot be unmasked
+        strict = Federation(_cfg(cache, *extra, "secure.secagg.enabled=true", "secure.secagg.scope=clients",
+                                 "secure.secagg.threshold=1.0"), data)
+        _, mc = strict.run_round(state)
+        failed = [n for n, c in mc["clouds"].items() if not c["accepted"]]
+        assert failed and all("SecAggError" in mc["clouds"][n]["error"] for n in failed)
+        assert len(failed) < len(mc["clouds"])  # the round went on with the other clouds

@@ -6,8 +6,9 @@
   sums, adds N(0, (z C)^2), divides by the expected number of clients and adapts C (`dp_aggregator`).
   With secure aggregation on, the clouds add the noise in shares before masking, so the aggregator
   never sees an un-noised sum.
-- `SecureSum`: each cloud masks [its weighted update sum, its weight] (scaled by a public constant)
-  with pairwise masks; the aggregator unmasks only the total over the clouds that arrived.
+- `SecureSum`: each party masks [its weighted update sum, its weight] (scaled by a public constant)
+  with pairwise masks; the receiver unmasks only the total over the parties that arrived. Parties are
+  the clouds (the aggregator sums them) or a cloud's clients (the cloud sums them).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fedjax_llm.aggregate.base import Aggregator
-from fedjax_llm.aggregate.fedavg import weighted_mean
 from fedjax_llm.client import ClientPiece
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.config import DPConfig, SecAggConfig, SecureConfig
@@ -128,21 +128,78 @@ class SecureSum:
     def start(self, session_id: str) -> None:
         self.session = secagg.setup(self.names, self.params, session_id=session_id)
 
-    def vector(self, msg: CloudAggregate, noise: Optional[Params] = None) -> tuple[np.ndarray, int]:
-        """The cloud's plaintext vector and how many of its values lie outside the clipping range."""
-        summed = jax.tree.map(lambda d: np.asarray(d, np.float64) * float(msg.weight), msg.delta)
+    def vector(self, delta: Params, weight: float, noise: Optional[Params] = None) -> tuple[np.ndarray, int]:
+        """A party's plaintext vector [weight x delta (+ noise), weight] / scale, and how many of its
+        values lie outside the clipping range."""
+        summed = jax.tree.map(lambda d: np.asarray(d, np.float64) * float(weight), delta)
         if noise is not None:
             summed = jax.tree.map(lambda s, z: s + np.asarray(z, np.float64), summed, noise)
         flat = [np.ravel(x) for x in jax.tree.leaves(summed)]  # ravel_pytree's order, kept in float64
-        v = np.concatenate(flat + [np.array([float(msg.weight)])]) / self.scale
+        v = np.concatenate(flat + [np.array([float(weight)])]) / self.scale
         return v, int(np.sum(np.abs(v) > self.params.clip_range))
 
     def mask(self, cloud: str, vector: np.ndarray) -> np.ndarray:
         return secagg.mask(self.session, cloud, vector)
 
-    def unmask(self, masked: dict[str, np.ndarray], like: CloudAggregate) -> tuple[Params, float]:
-        """(summed update over the arrived clouds, their total weight); raises SecAggError when too
-        few arrived to reconstruct the dropped clouds' masks."""
+    def unmask(self, masked: dict[str, np.ndarray], like: Params) -> tuple[Params, float]:
+        """(summed update over the parties that arrived, their total weight); raises SecAggError when
+        too few arrived to reconstruct the dropped parties' masks. `like` shapes the update."""
         total = secagg.unmask(self.session, masked, survivors=list(masked)) * self.scale
-        _, unravel = ravel_pytree(jax.tree.map(lambda d: np.asarray(d, np.float32), like.delta))
+        _, unravel = ravel_pytree(jax.tree.map(lambda d: np.asarray(d, np.float32), like))
         return unravel(np.asarray(total[:-1], np.float32)), float(total[-1])
+
+
+def secure_sums_in_clouds(cfg: SecAggConfig, agg: CloudAggregate, deltas: Params, weights: np.ndarray,
+                          cohort_ids: np.ndarray, client_names: Sequence[str], client_cloud: np.ndarray,
+                          cloud_names: Sequence[str], client_weights: np.ndarray,
+                          session_prefix: str) -> tuple[CloudAggregate, dict[int, Exception]]:
+    """Secure aggregation inside each cloud: the cohort's clients of a cloud mask their weighted
+    updates and the cloud unmasks only their sum, which replaces the in-memory reduction.
+
+    `deltas`/`weights` are the per-client updates of the cohort (weight 0: dropped after sampling).
+    Returns the aggregate with each cloud's mean replaced and {cloud index: SecAggError} for clouds
+    where more than n - t of their sampled clients dropped (their sum cannot be recovered).
+    """
+    like = jax.tree.map(lambda a: a[0], deltas)
+    cloud_of = np.asarray(client_cloud)[cohort_ids]
+    means, failed = [], {}
+    for c, name in enumerate(cloud_names):
+        slots = np.flatnonzero(cloud_of == c)
+        mean = jax.tree.map(lambda a: np.asarray(a[c]), agg.delta)
+        arrived = [i for i in slots if weights[i] > 0]
+        if len(slots) < 2 or not arrived:  # one party: its sum is its update; none: nothing to hide
+            means.append(mean)
+            continue
+        parties = [client_names[cohort_ids[i]] for i in slots]
+        scale = float(np.sum(np.asarray(client_weights)[np.asarray(client_cloud) == c]))
+        ss = SecureSum(cfg, parties, scale=scale)
+        ss.start(f"{session_prefix}/{name}")
+        masked = {}
+        for i in arrived:
+            vector, _ = ss.vector(jax.tree.map(lambda a: a[i], deltas), float(weights[i]))
+            masked[client_names[cohort_ids[i]]] = ss.mask(client_names[cohort_ids[i]], vector)
+        try:
+            total, weight = ss.unmask(masked, like)
+        except secagg.SecAggError as e:
+            failed[c] = e
+            means.append(mean)
+            continue
+        means.append(jax.tree.map(lambda t: np.asarray(t, np.float32) / weight, total))
+    stacked = jax.tree.map(lambda *a: np.stack(a), *means)
+    weight = np.where(np.isin(np.arange(len(cloud_names)), list(failed)), 0, agg.weight).astype(np.float32)
+    return agg.replace(delta=stacked, weight=weight), failed
+
+
+def noise_at_clouds(agg: CloudAggregate, total_std: float, key: jax.Array, min_arrivals: int) -> CloudAggregate:
+    """DP when only clients are securely aggregated: each cloud noises its weighted sum before it
+    leaves, with std total_std / sqrt(min_arrivals), so any min_arrivals clouds carry the full noise."""
+    std = total_std / math.sqrt(max(min_arrivals, 1))
+    rows = []
+    for c in range(int(np.shape(agg.weight)[0])):
+        w = float(agg.weight[c])
+        delta = jax.tree.map(lambda a: np.asarray(a[c]), agg.delta)
+        if w > 0:
+            noise = dplib.gaussian_like(jax.random.fold_in(key, c), delta, std)
+            delta = jax.tree.map(lambda d, z: ((d * w + np.asarray(z)) / w).astype(d.dtype), delta, noise)
+        rows.append(delta)
+    return agg.replace(delta=jax.tree.map(lambda *a: np.stack(a), *rows))
