@@ -11,7 +11,10 @@ import dataclasses
 import re
 from typing import Any, Callable, Optional
 
-from fedjax_llm.models.spec import ACTIVATIONS, BertSpec, GPT2Spec, LlamaSpec, ModelSpec
+from fedjax_llm.models.spec import ACTIVATIONS, BertSpec, BowSpec, GPT2Spec, LlamaSpec, ModelSpec
+
+
+CLS_SUFFIX = "ForSequenceClassification"
 
 
 class HFConfigError(ValueError):
@@ -88,6 +91,10 @@ BERT_CLS_NAMES = tuple(("bert." + hf, ours, lay) for hf, ours, lay in BERT_NAMES
     ("classifier.weight", "classifier/kernel", "T"),
     ("classifier.bias", "classifier/bias", "="),
 )
+# Decoder *ForSequenceClassification: the same base names, a bias-free score head, no lm_head.
+_SCORE = (("score.weight", "score/kernel", "T"),)
+LLAMA_CLS_NAMES = tuple(r for r in LLAMA_NAMES if r[0] != "lm_head.weight") + _SCORE
+GPT2_CLS_NAMES = tuple(r for r in GPT2_NAMES if r[0] != "lm_head.weight") + _SCORE
 
 # Checkpoint tensors that are buffers, not weights (rotary tables, GPT-2's causal mask, BERT ids).
 LLAMA_IGNORE = (r".*rotary_emb\.inv_freq",)
@@ -109,9 +116,12 @@ class Family:
     base_prefix: str = ""  # a checkpoint of the bare base model lacks this prefix
 
     def ignored(self, name: str, spec: ModelSpec) -> bool:
-        """True for a checkpoint tensor we skip on purpose (a buffer, or a tied lm_head copy)."""
-        tied = getattr(spec, "tie_embeddings", False)
-        return (tied and name == "lm_head.weight") or any(re.fullmatch(p, name) for p in self.ignore)
+        """True for a checkpoint tensor we skip on purpose: a buffer, a tied lm_head copy, or the
+        lm_head of a causal LM loaded as a classifier (whose score head replaces it)."""
+        no_head = getattr(spec, "tie_embeddings", False) or (
+            self.architecture.endswith(CLS_SUFFIX) and self.model_type != "bert")
+        return ((no_head and name == "lm_head.weight")
+                or any(re.fullmatch(p, name) for p in self.ignore))
 
 
 def _field(c: dict, name: str, where: str, default: Any = dataclasses.MISSING) -> Any:
@@ -144,18 +154,34 @@ def _rope_theta(c: dict, where: str) -> float:
     return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
+def _num_labels(c: dict, architecture: str, where: str) -> Optional[int]:
+    """Classes of a *ForSequenceClassification config (len(id2label), else num_labels), or None."""
+    if not architecture.endswith(CLS_SUFFIX):
+        return None
+    return len(c["id2label"]) if c.get("id2label") else _field(c, "num_labels", where, 2)
+
+
+def _labels(num_labels: Optional[int]) -> dict:
+    """id2label/label2id as transformers writes them by default; {} without a classifier."""
+    if not num_labels:
+        return {}
+    return {"id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}
+
+
 def _sliding_window(c: dict, architecture: str) -> Optional[int]:
     """The window that HF would apply (Mistral always; Qwen2 only with use_sliding_window)."""
-    if architecture == "MistralForCausalLM":
+    if architecture.startswith("Mistral"):
         return c.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM" and (
+    if architecture.startswith("Qwen2") and (
             c.get("use_sliding_window") or "sliding_attention" in (c.get("layer_types") or ())):
         return c.get("sliding_window")
     return None
 
 
 def _parse_llama(c: dict, architecture: str, where: str) -> LlamaSpec:
-    """LlamaSpec from a Llama, Qwen2 (q/k/v bias) or Mistral (GQA, sliding window) config."""
+    """LlamaSpec from a Llama, Qwen2 (q/k/v bias) or Mistral (GQA, sliding window) config, causal LM
+    or sequence classifier."""
     if _field(c, "hidden_act", where, "silu") != "silu":
         raise _reject(where, "hidden_act", c["hidden_act"], "the Llama family implements 'silu'")
     if c.get("attention_bias"):
@@ -175,16 +201,18 @@ def _parse_llama(c: dict, architecture: str, where: str) -> LlamaSpec:
         ffn_dim=_field(c, "intermediate_size", where),
         head_dim=None if head_dim in (None, d // heads) else head_dim,
         rope_theta=_rope_theta(c, where), norm_eps=float(_field(c, "rms_norm_eps", where, 1e-6)),
-        qkv_bias=architecture == "Qwen2ForCausalLM",
+        qkv_bias=architecture.startswith("Qwen2"),
         tie_embeddings=bool(_field(c, "tie_word_embeddings", where, False)),
-        sliding_window=window)
+        sliding_window=window, num_labels=_num_labels(c, architecture, where))
 
 
 def _llama_config(spec: LlamaSpec, architecture: str) -> dict:
-    window = {"MistralForCausalLM": {"sliding_window": spec.sliding_window},
-              "Qwen2ForCausalLM": {"sliding_window": spec.sliding_window,
-                                   "use_sliding_window": spec.sliding_window is not None}}
-    return {**window.get(architecture, {}),"hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers,
+    window = {"Mistral": {"sliding_window": spec.sliding_window},
+              "Qwen2": {"sliding_window": spec.sliding_window,
+                        "use_sliding_window": spec.sliding_window is not None}}
+    window = next((w for k, w in window.items() if architecture.startswith(k)), {})
+    return {**window, **_labels(spec.num_labels), "hidden_size": spec.d_model,
+            "num_hidden_layers": spec.n_layers,
             "num_attention_heads": spec.n_heads, "num_key_value_heads": spec.n_kv_heads,
             "intermediate_size": spec.ffn_dim, "head_dim": spec.resolved_head_dim,
             "vocab_size": spec.vocab_size, "rms_norm_eps": spec.norm_eps, "hidden_act": "silu",
@@ -195,7 +223,8 @@ def _llama_config(spec: LlamaSpec, architecture: str) -> dict:
 
 
 def _parse_gpt2(c: dict, architecture: str, where: str) -> GPT2Spec:
-    """GPT2Spec from a GPT2LMHeadModel config; variants of the attention scaling are rejected."""
+    """GPT2Spec from a GPT2LMHeadModel / GPT2ForSequenceClassification config; variants of the
+    attention scaling are rejected."""
     act = _field(c, "activation_function", where, "gelu_new")
     if act not in ACTIVATIONS:
         raise _reject(where, "activation_function", act, f"implemented: {ACTIVATIONS}")
@@ -212,11 +241,13 @@ def _parse_gpt2(c: dict, architecture: str, where: str) -> GPT2Spec:
         tie_embeddings=bool(_field(c, "tie_word_embeddings", where, True)),
         embd_dropout=float(_field(c, "embd_pdrop", where, 0.1)),
         resid_dropout=float(_field(c, "resid_pdrop", where, 0.1)),
-        attn_dropout=float(_field(c, "attn_pdrop", where, 0.1)))
+        attn_dropout=float(_field(c, "attn_pdrop", where, 0.1)),
+        num_labels=_num_labels(c, architecture, where))
 
 
 def _gpt2_config(spec: GPT2Spec, architecture: str) -> dict:
-    return {"vocab_size": spec.vocab_size, "n_positions": spec.n_positions, "n_embd": spec.d_model,
+    return {**_labels(spec.num_labels), "vocab_size": spec.vocab_size,
+            "n_positions": spec.n_positions, "n_embd": spec.d_model,
             "n_layer": spec.n_layers, "n_head": spec.n_heads, "n_inner": spec.ffn_dim,
             "activation_function": spec.activation, "layer_norm_epsilon": spec.norm_eps,
             "tie_word_embeddings": spec.tie_embeddings, "embd_pdrop": spec.embd_dropout,
@@ -236,9 +267,7 @@ def _parse_bert(c: dict, architecture: str, where: str) -> BertSpec:
         if c.get(name):
             raise _reject(where, name, c[name], "only the bidirectional encoder is implemented")
     hidden_dropout = float(_field(c, "hidden_dropout_prob", where, 0.1))
-    num_labels = None
-    if architecture == "BertForSequenceClassification":
-        num_labels = len(c["id2label"]) if c.get("id2label") else _field(c, "num_labels", where, 2)
+    num_labels = _num_labels(c, architecture, where)
     return BertSpec(
         vocab_size=_field(c, "vocab_size", where),
         max_positions=_field(c, "max_position_embeddings", where, 512),
@@ -260,25 +289,36 @@ def _bert_config(spec: BertSpec, architecture: str) -> dict:
            "layer_norm_eps": spec.norm_eps, "hidden_dropout_prob": spec.hidden_dropout,
            "attention_probs_dropout_prob": spec.attn_dropout,
            "classifier_dropout": spec.classifier_dropout, "position_embedding_type": "absolute"}
-    if spec.num_labels:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(spec.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(spec.num_labels)}
-    return out
+    return {**out, **_labels(spec.num_labels)}
 
 
 _LLAMA = dict(parse=_parse_llama, to_config=_llama_config, names=LLAMA_NAMES, ignore=LLAMA_IGNORE,
               peft_task="CAUSAL_LM")
+_LLAMA_CLS = {**_LLAMA, "names": LLAMA_CLS_NAMES, "peft_task": "SEQ_CLS"}
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("LlamaForCausalLM", "llama", **_LLAMA),
     Family("Qwen2ForCausalLM", "qwen2", **_LLAMA),
     Family("MistralForCausalLM", "mistral", **_LLAMA),
+    Family("LlamaForSequenceClassification", "llama", **_LLAMA_CLS),
+    Family("Qwen2ForSequenceClassification", "qwen2", **_LLAMA_CLS),
+    Family("MistralForSequenceClassification", "mistral", **_LLAMA_CLS),
     Family("GPT2LMHeadModel", "gpt2", _parse_gpt2, _gpt2_config, GPT2_NAMES, GPT2_IGNORE,
            "CAUSAL_LM"),
+    Family("GPT2ForSequenceClassification", "gpt2", _parse_gpt2, _gpt2_config, GPT2_CLS_NAMES,
+           GPT2_IGNORE, "SEQ_CLS"),
     Family("BertModel", "bert", _parse_bert, _bert_config, BERT_NAMES, BERT_IGNORE,
            "FEATURE_EXTRACTION"),
     Family("BertForSequenceClassification", "bert", _parse_bert, _bert_config, BERT_CLS_NAMES,
            BERT_IGNORE, "SEQ_CLS", base_prefix="bert."),
 )}
+# A base or causal-LM architecture -> its sequence classifier (load_hf(..., num_labels=N)).
+SEQ_CLS: dict[str, str] = {
+    "BertModel": "BertForSequenceClassification",
+    "LlamaForCausalLM": "LlamaForSequenceClassification",
+    "Qwen2ForCausalLM": "Qwen2ForSequenceClassification",
+    "MistralForCausalLM": "MistralForSequenceClassification",
+    "GPT2LMHeadModel": "GPT2ForSequenceClassification",
+}
 
 
 def family_for_config(config: dict, where: str) -> Family:
@@ -295,6 +335,8 @@ def family_for_config(config: dict, where: str) -> Family:
 
 def family_for_spec(spec: ModelSpec, architecture: Optional[str] = None) -> Family:
     """The family to export spec as: `architecture` if given, else the natural one for the spec."""
+    if isinstance(spec, BowSpec):
+        raise HFConfigError("BowSpec (bag of embeddings) has no Hugging Face architecture")
     if architecture is None:
         if isinstance(spec, LlamaSpec):
             architecture = ("Qwen2ForCausalLM" if spec.qkv_bias else
@@ -302,13 +344,18 @@ def family_for_spec(spec: ModelSpec, architecture: Optional[str] = None) -> Fami
         elif isinstance(spec, GPT2Spec):
             architecture = "GPT2LMHeadModel"
         else:
-            architecture = "BertForSequenceClassification" if spec.num_labels else "BertModel"
+            architecture = "BertModel"
+        architecture = SEQ_CLS[architecture] if spec.num_labels else architecture
     if architecture not in FAMILIES:
         raise HFConfigError(f"architecture {architecture!r} is not one of {sorted(FAMILIES)}")
     family = FAMILIES[architecture]
-    if isinstance(spec, LlamaSpec) and spec.qkv_bias != (architecture == "Qwen2ForCausalLM"):
+    if isinstance(spec, LlamaSpec) and spec.qkv_bias != architecture.startswith("Qwen2"):
         raise HFConfigError(f"{architecture}: qkv_bias={spec.qkv_bias} does not fit; only Qwen2 "
                             "has q/k/v biases")
+    if (isinstance(spec, (LlamaSpec, GPT2Spec))
+            and bool(spec.num_labels) != architecture.endswith(CLS_SUFFIX)):
+        raise HFConfigError(f"{architecture}: num_labels={spec.num_labels} does not fit; a "
+                            f"classifier exports as *{CLS_SUFFIX}, a causal LM as *ForCausalLM")
     return family
 
 

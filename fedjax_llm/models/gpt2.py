@@ -1,7 +1,8 @@
 """Flax NNX GPT-2 with the numerics of Hugging Face `GPT2LMHeadModel` and LoRA on its projections.
 
 HF's Conv1D stores weights as [in, out], which is already our kernel layout, so c_attn stays one fused
-[D, 3D] projection (as PEFT adapts it) and import/export copies kernels without a transpose.
+[D, 3D] projection (as PEFT adapts it) and import/export copies kernels without a transpose. With
+spec.num_labels it is `GPT2ForSequenceClassification`: `score` on the last real token, no lm_head.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_llm.models.layers import ACT_FNS, LayerNorm, attention, check_length, dropout
-from fedjax_llm.models.llama import Embed, fold_key
+from fedjax_llm.models.llama import Embed, Score, fold_key, last_token
 from fedjax_llm.models.lora import LoRALinear
 from fedjax_llm.models.spec import GPT2Spec
 
@@ -84,7 +85,7 @@ class GPT2Block(nnx.Module):
 
 
 class GPT2(nnx.Module):
-    """Token + learned position embeddings, n_layers blocks, ln_f, tied (or separate) lm_head."""
+    """Token and learned position embeddings, n_layers blocks, ln_f, lm_head (or tied, or score)."""
 
     def __init__(self, spec: GPT2Spec, rngs: nnx.Rngs):
         pdt, cdt = jnp.dtype(spec.param_dtype), jnp.dtype(spec.compute_dtype)
@@ -92,13 +93,19 @@ class GPT2(nnx.Module):
         self.wpe = Embed(spec.n_positions, spec.d_model, rngs, pdt, cdt)
         self.h = nnx.List([GPT2Block(spec, rngs) for _ in range(spec.n_layers)])
         self.ln_f = LayerNorm(spec.d_model, spec.norm_eps, pdt, cdt)
-        self.lm_head = (None if spec.tie_embeddings else
+        self.lm_head = (None if spec.tie_embeddings or spec.num_labels else
                         LoRALinear(spec.d_model, spec.vocab_size, rngs=rngs, param_dtype=pdt,
                                    compute_dtype=cdt))
+        self.score = Score(spec.d_model, spec.num_labels, rngs, pdt) if spec.num_labels else None
         self.spec = spec
 
-    def __call__(self, tokens_BxT: jax.Array, dropout_key: Optional[jax.Array] = None) -> jax.Array:
-        """Causal LM logits [B, T, V] in float32; HF's dropouts (and LoRA's) only with a key."""
+    def __call__(self, tokens_BxT: jax.Array, dropout_key: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        """Causal LM logits [B, T, V], or with a score head [B, num_labels]; float32.
+
+        attention_mask [B, T] (1 on real tokens, right padding) only picks the classified token
+        (see llama.last_token). HF's dropouts (and LoRA's) act only with a key.
+        """
         t = tokens_BxT.shape[1]
         check_length(self.spec, t)
         h_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(t)[None, :])
@@ -106,6 +113,8 @@ class GPT2(nnx.Module):
         for i, block in enumerate(self.h):
             h_BxTxD = block(h_BxTxD, fold_key(dropout_key, i + 1))
         h_BxTxD = self.ln_f(h_BxTxD)
+        if self.score is not None:
+            return self.score(last_token(h_BxTxD, attention_mask))
         head_DxV = (self.wte.embedding[...].T if self.lm_head is None else
                     self.lm_head.kernel[...])
         return jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(h_BxTxD.dtype),

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fedjax_llm.models.families import (FAMILIES, Family, HFConfigError, expand_names,
+from fedjax_llm.models.families import (FAMILIES, SEQ_CLS, Family, HFConfigError, expand_names,
                                         family_for_config, family_for_spec)
 from fedjax_llm.models.params import (ModelFns, Params, abstract_params, init_trainable,
                                       merge_lora, model_fns)
@@ -144,18 +144,20 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def _resolve_spec(config: dict, where: str, lora: Optional[LoRASpec], param_dtype: str,
                   compute_dtype: str, num_labels: Optional[int]) -> tuple[Family, ModelSpec, bool]:
-    """(family, spec, head_is_new): num_labels turns a BertModel checkpoint into a classifier."""
+    """(family, spec, head_is_new): num_labels turns a BertModel or causal-LM checkpoint into its
+    *ForSequenceClassification, whose head is then drawn fresh."""
     family = family_for_config(config, where)
     new_head = False
     if num_labels is not None:
-        if family.model_type != "bert":
-            raise HFConfigError(f"{where}: num_labels={num_labels} needs a BERT checkpoint, got "
-                                f"{family.architecture}")
-        new_head = family.architecture == "BertModel"
-        family = FAMILIES["BertForSequenceClassification"]
+        new_head = family.architecture in SEQ_CLS
+        if not new_head and family.architecture not in SEQ_CLS.values():
+            raise HFConfigError(f"{where}: num_labels={num_labels} needs one of {sorted(SEQ_CLS)} "
+                                f"or their classifiers, got {family.architecture}")
+        family = FAMILIES[SEQ_CLS.get(family.architecture, family.architecture)]
     spec = family.parse(config, family.architecture, where)
     if num_labels is not None:
-        spec = dataclasses.replace(spec, num_labels=num_labels, output="logits")
+        extra = {"output": "logits"} if family.model_type == "bert" else {}
+        spec = dataclasses.replace(spec, num_labels=num_labels, **extra)
     spec = dataclasses.replace(spec, lora=lora, param_dtype=param_dtype,
                                compute_dtype=compute_dtype)
     check_spec(spec)
@@ -185,7 +187,7 @@ def load_hf(path: str | Path, *, lora: Optional[LoRASpec] = None, param_dtype: s
     trainable_abs, frozen_abs = (_flatten(t) for t in abstract_params(spec))
     full_abs = {**trainable_abs, **frozen_abs}
     base_paths = {p for p in full_abs if not p.endswith(("/lora_a", "/lora_b"))}
-    fresh_ok = {p for p in base_paths if new_head and p.startswith("classifier/")}
+    fresh_ok = {p for p in base_paths if new_head and p.startswith(("classifier/", "score/"))}
     rows = expand_names(family, spec, base_paths)
     by_name = {hf: (ours, layout) for hf, ours, layout in rows}
 

@@ -1,7 +1,9 @@
 """Flax NNX decoder-only transformer of the Llama family (Mistral via GQA, Qwen2 via qkv_bias).
 
 Numerics follow Hugging Face `LlamaForCausalLM` (f32 RMSNorm, non-interleaved RoPE, f32 softmax) and
-attribute names follow its state dict, so import/export is a rename plus a kernel transpose.
+attribute names follow its state dict, so import/export is a rename plus a kernel transpose. With
+spec.num_labels it is `LlamaForSequenceClassification` (also Qwen2/Mistral): `score` on the last
+real token instead of lm_head.
 """
 from __future__ import annotations
 
@@ -84,6 +86,33 @@ def write_cache(cache_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, start_B: jax.A
     """Writes each row's T new entries at slots start_b..start_b+T-1 (the caller keeps them < S)."""
     put = lambda c, x, s: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))  # noqa: E731
     return jax.vmap(put)(cache_BxSxKxH, new_BxTxKxH, start_B)
+
+
+def last_token(h_BxTxD: jax.Array, attention_mask: Optional[jax.Array]) -> jax.Array:
+    """Each row's hidden state at its rightmost real token [B, D]; the last position without a mask.
+
+    HF's *ForSequenceClassification finds that token as the rightmost one != pad_token_id; we take
+    it from the mask (1 on real tokens), which agrees whenever pads sit only where the mask is 0.
+    A row without real tokens reads position 0, as HF's argmax does.
+    """
+    if attention_mask is None:
+        return h_BxTxD[:, -1]
+    t = h_BxTxD.shape[1]
+    idx_B = jnp.argmax(jnp.arange(t)[None, :] * (attention_mask != 0), axis=-1)
+    return jnp.take_along_axis(h_BxTxD, idx_B[:, None, None], axis=1)[:, 0]
+
+
+class Score(nnx.Module):
+    """HF's bias-free `score` head; its kernel is a HeadParam, so it trains under LoRA too."""
+
+    def __init__(self, d_in: int, num_labels: int, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+        from fedjax_llm.models.bert import HeadParam  # bert imports this module: import late
+        self.kernel = HeadParam(init_value("kernel", rngs.params(), (d_in, num_labels),
+                                           param_dtype))
+
+    def __call__(self, h_BxD: jax.Array) -> jax.Array:
+        return jnp.dot(h_BxD, self.kernel[...].astype(h_BxD.dtype),
+                       preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -207,26 +236,35 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """Embedding, n_layers decoder blocks, final norm and lm_head (or tied embeddings)."""
+    """Embedding, n_layers decoder blocks, final norm and lm_head (tied embeddings, or score)."""
 
     def __init__(self, spec: LlamaSpec, rngs: nnx.Rngs):
         pdt, cdt = jnp.dtype(spec.param_dtype), jnp.dtype(spec.compute_dtype)
         self.embed_tokens = Embed(spec.vocab_size, spec.d_model, rngs, pdt, cdt)
         self.layers = nnx.List([DecoderLayer(spec, rngs) for _ in range(spec.n_layers)])
         self.norm = RMSNorm(spec.d_model, spec.norm_eps, pdt, cdt)
-        self.lm_head = (None if spec.tie_embeddings else
+        self.lm_head = (None if spec.tie_embeddings or spec.num_labels else
                         LoRALinear(spec.d_model, spec.vocab_size, rngs=rngs, param_dtype=pdt,
                                    compute_dtype=cdt))
+        self.score = Score(spec.d_model, spec.num_labels, rngs, pdt) if spec.num_labels else None
         self.head_dim = spec.resolved_head_dim
         self.rope_theta = spec.rope_theta
         self.compute_dtype = cdt
 
-    def __call__(self, tokens_BxT: jax.Array, dropout_key: Optional[jax.Array] = None) -> jax.Array:
-        """Causal LM logits [B, T, V] in float32; LoRA dropout only when dropout_key is given."""
+    def __call__(self, tokens_BxT: jax.Array, dropout_key: Optional[jax.Array] = None,
+                 attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        """Causal LM logits [B, T, V], or with a score head [B, num_labels]; float32.
+
+        attention_mask [B, T] (1 on real tokens, right padding) only picks the classified token:
+        causal attention already keeps real positions blind to the padding after them. LoRA
+        dropout acts only when dropout_key is given.
+        """
         cos_TxH, sin_TxH = rope_tables(tokens_BxT.shape[1], self.head_dim, self.rope_theta)
         h_BxTxD = self.embed_tokens(tokens_BxT)
         for i, layer in enumerate(self.layers):
             h_BxTxD = layer(h_BxTxD, cos_TxH, sin_TxH, fold_key(dropout_key, i))
+        if self.score is not None:
+            return self.score(last_token(self.norm(h_BxTxD), attention_mask))
         return self._logits(h_BxTxD)
 
     def decode(self, tokens_BxT: jax.Array, cache: tuple[KVCache, ...],
@@ -236,6 +274,8 @@ class Llama(nnx.Module):
         Prefill is one call with T = prompt length and start 0; each decode step is T = 1. Numerics
         are those of __call__ (no dropout), so cached logits equal the full forward's.
         """
+        if self.score is not None:
+            raise ValueError("Llama.decode: a classifier (spec.num_labels set) has no lm_head")
         t = tokens_BxT.shape[1]
         positions_BxT = start_B[:, None] + jnp.arange(t)[None, :]
         cos_BxTxH, sin_BxTxH = rope_at(positions_BxT, self.head_dim, self.rope_theta)

@@ -2,7 +2,8 @@
 
 Everything outside this package sees `Params`: nested dicts with str keys (layer indices "0", "1",
 ...) whose paths mirror Hugging Face names. The NNX module only exists inside `apply`'s trace.
-The spec's type picks the module (LlamaSpec: Llama/Qwen2/Mistral, GPT2Spec: GPT-2, BertSpec: BERT).
+The spec's type picks the module (LlamaSpec: Llama/Qwen2/Mistral, GPT2Spec: GPT-2, BertSpec: BERT,
+BowSpec: the bag-of-embeddings classifier).
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_llm.models.bert import Bert, HeadParam
+from fedjax_llm.models.bow import Bow
 from fedjax_llm.models.gpt2 import GPT2
 from fedjax_llm.models.layers import check_length
 from fedjax_llm.models.llama import Llama
 from fedjax_llm.models.lora import INIT_RULES, init_scale
-from fedjax_llm.models.spec import BertSpec, GPT2Spec, LlamaSpec, ModelSpec, check_spec
+from fedjax_llm.models.spec import (BertSpec, BowSpec, GPT2Spec, LlamaSpec, ModelSpec,
+                                    check_spec)
 
 # spec type -> NNX module built from it.
 MODULES: dict[type, Callable[[Any, nnx.Rngs], nnx.Module]] = {
-    LlamaSpec: Llama, GPT2Spec: GPT2, BertSpec: Bert}
+    LlamaSpec: Llama, GPT2Spec: GPT2, BertSpec: Bert, BowSpec: Bow}
 # Trained even under LoRA: the adapters, and task heads that start random.
 TRAINABLE_WITH_LORA = nnx.Any(nnx.LoRAParam, HeadParam)
 
@@ -35,7 +38,10 @@ Params = dict  # nested dicts with str keys only, leaves jax arrays (or ShapeDty
 class ModelFns:
     """The pure forward of one spec.
 
-    Causal LMs: apply(trainable, frozen, tokens_BxT, dropout_key=None) -> logits_BxTxV (float32).
+    Causal LMs: apply(trainable, frozen, tokens_BxT, dropout_key=None, attention_mask=None) ->
+    logits_BxTxV (float32); with spec.num_labels logits_BxL of the last real token of each row.
+    BowSpec: apply(trainable, frozen, tokens_BxT, dropout_key=None, attention_mask=None) ->
+    logits_BxL.
     BERT: apply(trainable, frozen, tokens_BxT, dropout_key=None, attention_mask=None,
     token_type_ids=None) -> spec.output (hidden_BxTxD, pooled_BxD or logits_BxL; float32).
     """

@@ -1,4 +1,4 @@
-"""Model architecture specs: one table of Llama-family sizes, GPT-2 and BERT specs, LoRA settings.
+"""Model architecture specs: Llama-family sizes, GPT-2, BERT and bag-of-embeddings specs, LoRA.
 
 A size is a row of `SIZES`; config fields that are not None override the row. Nothing here imports
 jax, so configs can be validated before any device work starts.
@@ -44,7 +44,10 @@ class LoRASpec:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaSpec:
-    """Decoder-only Llama-family architecture (also Qwen2 via qkv_bias, Mistral via GQA)."""
+    """Decoder-only Llama-family architecture (also Qwen2 via qkv_bias, Mistral via GQA).
+
+    num_labels makes it *ForSequenceClassification: no lm_head, a bias-free `score` head instead.
+    """
 
     vocab_size: int
     d_model: int
@@ -61,6 +64,7 @@ class LlamaSpec:
     compute_dtype: str = "float32"
     lora: Optional[LoRASpec] = None  # None: full fine-tuning
     sliding_window: Optional[int] = None  # attention is full: apply rejects longer sequences
+    num_labels: Optional[int] = None  # set: logits [B, num_labels] from `score` on the last token
 
     def max_len(self) -> tuple[str, Optional[int]]:
         """(config field, longest sequence the model computes exactly); None: unbounded."""
@@ -90,13 +94,15 @@ class LlamaSpec:
         if self.qkv_bias:
             bias = (self.n_heads + 2 * self.n_kv_heads) * self.resolved_head_dim
         per_layer = proj + bias + 2 * self.d_model
-        heads = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + heads + self.d_model
+        return self.n_layers * per_layer + _heads(self) + self.d_model
 
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Spec:
-    """GPT-2 (GPT2LMHeadModel): learned positions, pre-LayerNorm blocks, fused c_attn, GELU MLP."""
+    """GPT-2 (GPT2LMHeadModel): learned positions, pre-LayerNorm blocks, fused c_attn, GELU MLP.
+
+    num_labels makes it GPT2ForSequenceClassification (bias-free `score` on the last real token).
+    """
 
     vocab_size: int
     n_positions: int
@@ -113,6 +119,7 @@ class GPT2Spec:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     lora: Optional[LoRASpec] = None
+    num_labels: Optional[int] = None
 
     def max_len(self) -> tuple[str, Optional[int]]:
         return "n_positions", self.n_positions
@@ -129,8 +136,15 @@ class GPT2Spec:
     def param_count(self) -> int:
         d, f = self.d_model, self.ffn_dim
         per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-        heads = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * per_layer + heads + self.n_positions * d + 2 * d
+        return self.n_layers * per_layer + _heads(self) + self.n_positions * d + 2 * d
+
+
+def _heads(spec: Union[LlamaSpec, GPT2Spec]) -> int:
+    """Token embedding plus lm_head (untied) or the score head (classifier: no lm_head)."""
+    embed = spec.vocab_size * spec.d_model
+    if spec.num_labels:
+        return embed + spec.d_model * spec.num_labels
+    return embed * (1 if spec.tie_embeddings else 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +192,29 @@ class BertSpec:
         return self.n_layers * per_layer + embed + d * d + d + head
 
 
-ModelSpec = Union[LlamaSpec, GPT2Spec, BertSpec]
+@dataclasses.dataclass(frozen=True)
+class BowSpec:
+    """Bag-of-embeddings classifier (models/bow.py): masked mean of token embeddings, an optional
+    ReLU hidden layer of width `hidden` (0: none), then a linear layer to num_labels."""
+
+    vocab_size: int
+    d_model: int
+    num_labels: int
+    hidden: int = 0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    lora: Optional[LoRASpec] = None  # must stay None: the model is small enough to train fully
+
+    def max_len(self) -> tuple[str, Optional[int]]:
+        return "max_len", None
+
+    def param_count(self) -> int:
+        d, h, n = self.d_model, self.hidden, self.num_labels
+        body = (d * h + h + h * n) if h else d * n
+        return self.vocab_size * d + body + n
+
+
+ModelSpec = Union[LlamaSpec, GPT2Spec, BertSpec, BowSpec]
 
 
 def llama_spec(size: str, vocab_size: int, lora: Optional[LoRASpec] = None,
@@ -194,9 +230,13 @@ def llama_spec(size: str, vocab_size: int, lora: Optional[LoRASpec] = None,
 
 def check_spec(spec: ModelSpec, prefix: str = "model") -> None:
     """Raises ValueError naming the config key when the architecture is impossible."""
+    if isinstance(spec, BowSpec):
+        _check_bow(spec, prefix)
+        return
     if not isinstance(spec, LlamaSpec):
         _check_encoder_or_gpt2(spec, prefix)
         return
+    _check_num_labels(spec, prefix)
     if spec.n_heads % spec.n_kv_heads:
         raise ValueError(f"{prefix}.n_kv_heads: {spec.n_kv_heads} must divide n_heads={spec.n_heads}")
     if spec.head_dim is None and spec.d_model % spec.n_heads:
@@ -228,6 +268,8 @@ def _check_encoder_or_gpt2(spec: Union[GPT2Spec, BertSpec], prefix: str) -> None
     for name in ("param_dtype", "compute_dtype"):
         if getattr(spec, name) not in DTYPES:
             raise ValueError(f"{prefix}.{name}: {getattr(spec, name)!r} not in {DTYPES}")
+    if isinstance(spec, GPT2Spec):
+        _check_num_labels(spec, prefix)
     if isinstance(spec, BertSpec):
         if spec.output not in BERT_OUTPUTS:
             raise ValueError(f"{prefix}.output: {spec.output!r} not in {BERT_OUTPUTS}")
@@ -236,6 +278,26 @@ def _check_encoder_or_gpt2(spec: Union[GPT2Spec, BertSpec], prefix: str) -> None
                              f"got {spec.num_labels}")
     if spec.lora is not None:
         _check_lora(spec, spec.lora, f"{prefix}.lora")
+
+
+def _check_num_labels(spec: Union[LlamaSpec, GPT2Spec], prefix: str) -> None:
+    if spec.num_labels is not None and spec.num_labels <= 0:
+        raise ValueError(f"{prefix}.num_labels: must be > 0 (or None), got {spec.num_labels}")
+
+
+def _check_bow(spec: BowSpec, prefix: str) -> None:
+    """check_spec for BowSpec: positive sizes, known dtypes, and no LoRA."""
+    for name in ("vocab_size", "d_model", "num_labels"):
+        if getattr(spec, name) <= 0:
+            raise ValueError(f"{prefix}.{name}: must be > 0, got {getattr(spec, name)}")
+    if spec.hidden < 0:
+        raise ValueError(f"{prefix}.hidden: must be >= 0 (0: no hidden layer), got {spec.hidden}")
+    for name in ("param_dtype", "compute_dtype"):
+        if getattr(spec, name) not in DTYPES:
+            raise ValueError(f"{prefix}.{name}: {getattr(spec, name)!r} not in {DTYPES}")
+    if spec.lora is not None:
+        raise ValueError(f"{prefix}.lora: the bag-of-embeddings model has no projections to adapt; "
+                         "set lora to None (it trains all its weights)")
 
 
 def _check_lora(spec: ModelSpec, lora: LoRASpec, prefix: str) -> None:
