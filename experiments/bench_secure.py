@@ -11,8 +11,8 @@
     revealed shares. Threshold t = max(n // 2 + 1, n - ceil(0.3 n)), so 30 % dropouts are tolerated.
     Each run checks the unmasked sum against the plaintext fixed-point sum.
 (c) share of round time: the W-small workload of experiments/bench_round.py (3 clouds) run by the
-    engine with a plaintext channel, a sealing channel, and sealing + secure aggregation across clouds;
-    median round seconds of each and the overhead relative to the plaintext round.
+    engine with a plaintext channel, a sealing channel, sealing + secure aggregation across clouds, and
+    sealing + secure aggregation across clouds and among each cloud's clients; median round seconds of each and the overhead relative to the plaintext round.
 """
 from __future__ import annotations
 
@@ -126,9 +126,11 @@ def bench_round_share(rounds: int, workload: str = "W-small") -> None:
     print(f"\n(c) share of round time, {workload} (K=9 in 3 clouds), median of {rounds} rounds after a warm-up")
     print(f"{'channel':<26}{'s/round':>9}{'seal+open s':>13}{'overhead':>10}")
     plain_s = None
-    for label, seal, secagg in (("plaintext", False, False), ("sealed", True, False),
-                                ("sealed + secagg (clouds)", True, True)):
-        cfg = dataclasses.replace(base, secure=C.SecureConfig(seal=seal, secagg=C.SecAggConfig(enabled=secagg)))
+    for label, seal, scope in (("plaintext", False, None), ("sealed", True, None),
+                               ("sealed + secagg (clouds)", True, "clouds"),
+                               ("sealed + secagg (both)", True, "both")):
+        g = C.SecAggConfig(enabled=scope is not None, scope=scope or "clouds")
+        cfg = dataclasses.replace(base, secure=C.SecureConfig(seal=seal, secagg=g))
         cfg = C.validate(cfg)
         channel, _ = make_channel(cfg.secure, data.cloud_names, tempfile.mkdtemp(), "bench")
         fed = Federation(cfg, data, channel=channel)

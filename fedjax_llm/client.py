@@ -86,6 +86,30 @@ def make_lm_loss(apply_fn: ApplyFn) -> LossFn:
     return loss_fn
 
 
+def label_nll(logits_BxL: jax.Array, labels_B: jax.Array, rows_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy over real rows, number of real rows)."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits_BxL.astype(jnp.float32), labels_B)
+    return jnp.sum(nll * rows_B), jnp.sum(rows_B)
+
+
+def make_classify_loss(apply_fn: ApplyFn) -> LossFn:
+    """Sequence classification on {"tokens", "loss_mask" (attention mask), "labels"}: one
+    cross-entropy per example; padded rows (all-zero mask) do not count."""
+
+    def loss_fn(trainable, frozen, inputs, dropout_key):
+        mask_BxT = inputs["loss_mask"]
+        logits = apply_fn(trainable, frozen, inputs["tokens"], dropout_key, attention_mask=mask_BxT)
+        loss_sum, rows = label_nll(logits, inputs["labels"], jnp.max(mask_BxT, axis=1))
+        return loss_sum / jnp.maximum(rows, 1.0), (loss_sum, rows)
+
+    return loss_fn
+
+
+def make_task_loss(task: str, apply_fn: ApplyFn) -> LossFn:
+    """The client loss of data.task (lm | classify)."""
+    return make_classify_loss(apply_fn) if task == "classify" else make_lm_loss(apply_fn)
+
+
 def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import field
 from typing import Any, Dict, List, Optional
 
-from fedjax_llm.models.spec import LoRASpec, LlamaSpec, check_spec, llama_spec
+from fedjax_llm.models.spec import check_spec
 
 
 class ConfigError(ValueError):
@@ -28,8 +28,11 @@ class LoRAConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    family: str = "llama"          # llama (also covers Qwen2 / Mistral layouts)
-    size: str = "nano"             # a row of fedjax_llm.models.spec.SIZES
+    family: str = "llama"          # llama: sized from SIZES | hf: a Hugging Face directory | bow
+    path: Optional[str] = None     # hf: checkpoint directory (config.json + safetensors); "pkg:MOD/sub"
+                                   # names a folder inside an installed package (the shipped MiniLM)
+    init: str = "pretrained"       # hf: pretrained weights | random (the architecture, freshly drawn)
+    size: str = "nano"             # llama: a row of fedjax_llm.models.spec.SIZES
     d_model: Optional[int] = None  # the fields below override the size row when set
     n_layers: Optional[int] = None
     n_heads: Optional[int] = None
@@ -47,6 +50,11 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
+    task: str = "lm"               # lm: next-token loss (response only for dialog) | classify: a label
+                                   # per example (data.label_field) from the text prompt + response
+    label_field: str = "category"  # classify: the example field holding the label
+    tokenizer_path: Optional[str] = None  # a HF tokenizer directory (default for model.family=hf:
+                                   # model.path) instead of training a BPE on the train split
     source: str = "chatterbot"     # chatterbot | jsonl
     path: Optional[str] = None     # jsonl: file of {"prompt","response"} or {"text"} records
     languages: List[str] = field(default_factory=list)   # chatterbot: empty = every language
@@ -242,19 +250,6 @@ def to_train_config(cfg: Any) -> TrainConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def model_spec(cfg: TrainConfig, vocab_size: int) -> LlamaSpec:
-    m = cfg.model
-    lora = None
-    if m.lora.enabled:
-        lora = LoRASpec(rank=m.lora.rank, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                        targets=tuple(m.lora.targets))
-    return llama_spec(m.size, vocab_size, lora=lora, d_model=m.d_model, n_layers=m.n_layers,
-                      n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, ffn_dim=m.ffn_dim,
-                      head_dim=m.head_dim, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-                      qkv_bias=m.qkv_bias, tie_embeddings=m.tie_embeddings,
-                      param_dtype=m.param_dtype, compute_dtype=m.compute_dtype)
-
-
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -285,12 +280,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks values and combinations and returns the config with derived values resolved (client
     counts from shares); raises ConfigError naming the key. Touches no device."""
     _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    _one_of(cfg.model.family, "model.family", ("llama",))
-    try:
-        check_spec(model_spec(cfg, cfg.data.vocab_size))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
+    cfg = _validate_model_and_task(cfg)
     d = cfg.data
     _one_of(d.source, "data.source", ("chatterbot", "jsonl"))
     if d.source == "jsonl":
@@ -351,6 +341,30 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     k = cfg.checkpoint
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
     _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
+    return cfg
+
+
+def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:
+    """Model family and task; for hf models reads config.json so an unsupported architecture or
+    field fails here, naming model.path and the field. Resolves data.tokenizer_path."""
+    m, d = cfg.model, cfg.data
+    _one_of(m.family, "model.family", ("llama", "hf", "bow"))
+    _one_of(d.task, "data.task", ("lm", "classify"))
+    _require(bool(d.label_field), "data.label_field", "must name an example field")
+    if m.family == "hf":
+        _require(bool(m.path), "model.path", "model.family=hf needs model.path=DIR (a Hugging Face checkpoint)")
+        _one_of(m.init, "model.init", ("pretrained", "random"))
+        if not d.tokenizer_path:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, tokenizer_path=m.path))
+    if m.family == "bow":
+        _require(d.task == "classify", "model.family", "=bow is a classifier; set data.task=classify")
+        _require(not m.lora.enabled, "model.lora.enabled", "LoRA has no layers to adapt in model.family=bow")
+    from fedjax_llm.models.build import spec_from_config  # reads only config.json
+    try:
+        check_spec(spec_from_config(cfg, vocab_size=d.vocab_size, num_labels=2 if d.task == "classify" else None))
+    except (ValueError, OSError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(("model.", "data.")) else f"model.path: {msg}") from None
     return cfg
 
 

@@ -24,14 +24,14 @@ from jax.sharding import Mesh
 
 from fedjax_llm import participation
 from fedjax_llm.algorithms import Algorithm, build_algorithm, server_update
-from fedjax_llm.client import client_optimizer, init_client_state, make_lm_loss, make_local_update
+from fedjax_llm.client import client_optimizer, init_client_state, make_local_update, make_task_loss
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.message import MessageError
-from fedjax_llm.config import TrainConfig, model_spec
+from fedjax_llm.config import TrainConfig
 from fedjax_llm.data.federated import FederatedData, round_batches
-from fedjax_llm.evaluate import Evaluator, perplexity
-from fedjax_llm.models.params import init_model
+from fedjax_llm.evaluate import make_evaluator, perplexity
+from fedjax_llm.models.build import build_model
 from fedjax_llm.secure.round import SecureSum, dp_noise_std, noise_at_clouds, secure_sums_in_clouds
 from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
                               make_round_compute, plan_layout)
@@ -82,7 +82,6 @@ class Federation:
         self.channel = channel or plaintext_channel()
         self.cloud_names = list(data.cloud_names)
         self.links = [Link.from_config(cfg.clouds.members[n].link) for n in self.cloud_names]
-        self.spec = model_spec(cfg, data.vocab_size)
         self.k_model, self.k_data, self.k_run, k_attack, k_dp = jax.random.split(jax.random.key(cfg.seed), 5)
         self.expected_clients = participation.expected_clients(cfg, data.client_cloud)
         secure = cfg.secure
@@ -95,7 +94,8 @@ class Federation:
         if g.enabled and g.scope != "clients":
             self.secure_sum = SecureSum(g, self.cloud_names, scale=float(np.sum(self.client_weights)))
         self.secagg_in_clouds = g.enabled and g.scope != "clouds"
-        self.fns, self.init_params, self.frozen = init_model(self.spec, self.k_model)
+        self.fns, self.init_params, self.frozen, self.spec = build_model(cfg, data.vocab_size, data.num_labels,
+                                                                         self.k_model)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
         self.byzantine = participation.byzantine_clients(cfg.attack, data.client_cloud, self.cloud_names,
@@ -104,7 +104,7 @@ class Federation:
         platform = self.mesh.devices.flat[0].platform
         chunk = cfg.client.clients_per_chunk or default_chunk(platform)
         self.layout = plan_layout(self.cohort_size, self.mesh.size, chunk)
-        local_update = make_local_update(make_lm_loss(self.fns.apply), client_optimizer(cfg.client),
+        local_update = make_local_update(make_task_loss(cfg.data.task, self.fns.apply), client_optimizer(cfg.client),
                                          self.algo.pieces)
         C = len(self.cloud_names)
         if cfg.client.backend == "loop":
@@ -114,8 +114,8 @@ class Federation:
             self._compute = make_round_compute(local_update, self.algo.reducer, self.algo.transform, C,
                                                self.mesh, self.layout, collect=self.secagg_in_clouds)
         self._server_step = jax.jit(lambda *a: server_update(self.algo, *a))
-        self.evaluator = Evaluator(self.fns.apply, data, cfg.data.max_eval_examples,
-                                   cfg.run.eval_batch_size)
+        self.evaluator = make_evaluator(cfg.data.task, self.fns.apply, data, cfg.data.max_eval_examples,
+                                        cfg.run.eval_batch_size)
         self._cohort: np.ndarray = np.zeros(0, np.int64)
 
     # ----- state -----------------------------------------------------------------------------
@@ -153,18 +153,24 @@ class Federation:
         weights = self.num_train[ids] if cfg.weighting == "examples" else np.ones(K)
         weights = np.where(arrived, weights, 0).astype(np.float32)
         attacked = self.byzantine[ids]
-        tokens = rb.tokens
+        tokens, labels = rb.tokens, rb.labels
         if self.cfg.attack.kind == "label_flip" and attacked.any():
-            tokens = tokens.copy()
-            tokens[attacked] = participation.flip_labels(tokens[attacked], self.data.vocab_size)
+            if labels is not None:  # classification: label y -> L - 1 - y
+                labels = labels.copy()
+                labels[attacked] = participation.flip_labels(labels[attacked], self.data.num_labels, 0)
+            else:                   # language modelling: the target tokens
+                tokens = tokens.copy()
+                tokens[attacked] = participation.flip_labels(tokens[attacked], self.data.vocab_size)
         step_mask = rb.step_mask & (np.arange(cfg.local_steps)[None, :] < cohort.steps[:, None])
         step_mask &= (received[cloud_of] > 0)[:, None]
         keys = np.asarray(jax.random.key_data(jax.random.split(k_clients, self.data.num_clients)))
         onehot = np.eye(len(self.cloud_names), dtype=np.float32)[cloud_of]
         pad = lambda a: np.concatenate([a, np.zeros((Kp - K,) + a.shape[1:], a.dtype)])
         slots = np.concatenate([ids, np.zeros(Kp - K, np.int64)])
-        batches = ClientBatches(inputs={"tokens": pad(tokens), "loss_mask": pad(rb.loss_mask)},
-                                step_mask=pad(step_mask))
+        task_inputs = {"tokens": pad(tokens), "loss_mask": pad(rb.loss_mask)}
+        if labels is not None:
+            task_inputs["labels"] = pad(labels)
+        batches = ClientBatches(inputs=task_inputs, step_mask=pad(step_mask))
         inputs = RoundInputs(batches=batches, keys=pad(keys[ids]), weights=pad(weights), onehot=pad(onehot),
                              attacked=pad(attacked),
                              state=jax.tree.map(lambda s: s[slots], state.client_states))

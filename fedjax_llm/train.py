@@ -111,7 +111,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}" if record["train_loss"] else "-",
-                                ppl=f"{history[-1]['eval_ppl']:.1f}" if history else "-")
+                                **_headline(history[-1] if history else None))
     except NonFiniteError:
         log.error("stopped at round %d; the last checkpoint holds the last finite model", int(state.round) + 1)
         raise
@@ -129,9 +129,10 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
         initial_eval_loss=records[0].get("eval_loss") if records else None,
         initial_eval_ppl=records[0].get("eval_ppl") if records else None,
         final_eval_loss=history[-1]["eval_loss"] if history else None,
-        final_eval_ppl=history[-1]["eval_ppl"] if history else None,
+        final_eval_ppl=history[-1].get("eval_ppl") if history else None,
         final_train_loss=rounds[-1]["train_loss"] if rounds else None,
-        eval_ppl_by_round={r["round"]: r["eval_ppl"] for r in history},
+        eval_ppl_by_round={r["round"]: r.get("eval_ppl") for r in history},
+        **_classification_summary(records[0] if records else None, history),
         tokens=sum(r["tokens"] for r in rounds), round_wall_s=sum(r["wall_s"] for r in rounds),
         bytes_up=sum(c["bytes_up"] for r in rounds for c in r["clouds"].values()),
         bytes_down=sum(c["bytes_down"] for r in rounds for c in r["clouds"].values()),
@@ -143,9 +144,33 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
         wall_s_this_process=time.perf_counter() - t_start,
         jax_version=jax.__version__)
     write_json(os.path.join(run_dir, "summary.json"), summary)
-    log.info("done: eval ppl %s -> %s in %.1fs", summary["initial_eval_ppl"], summary["final_eval_ppl"],
-             summary["wall_s_this_process"])
+    if cfg.data.task == "classify":
+        log.info("done: eval accuracy %s -> %s, macro-F1 %s -> %s in %.1fs", summary["initial_eval_acc"],
+                 summary["final_eval_acc"], summary["initial_eval_f1"], summary["final_eval_f1"],
+                 summary["wall_s_this_process"])
+    else:
+        log.info("done: eval ppl %s -> %s in %.1fs", summary["initial_eval_ppl"], summary["final_eval_ppl"],
+                 summary["wall_s_this_process"])
     return summary
+
+
+def _headline(record: Optional[dict]) -> dict:
+    """The progress bar's eval figure: accuracy for classification, perplexity for language modelling."""
+    if record is None:
+        return {}
+    if record.get("eval_acc") is not None:
+        return dict(acc=f"{record['eval_acc']:.3f}")
+    return dict(ppl=f"{record['eval_ppl']:.1f}") if record.get("eval_ppl") is not None else {}
+
+
+def _classification_summary(initial: Optional[dict], history: list[dict]) -> dict:
+    """Accuracy and macro-F1 at round 0 and at the end, and by round (classification runs only)."""
+    if not history or "eval_acc" not in history[-1]:
+        return {}
+    return dict(initial_eval_acc=(initial or {}).get("eval_acc"), initial_eval_f1=(initial or {}).get("eval_f1"),
+                final_eval_acc=history[-1]["eval_acc"], final_eval_f1=history[-1]["eval_f1"],
+                eval_acc_by_round={r["round"]: r["eval_acc"] for r in history},
+                eval_f1_by_round={r["round"]: r["eval_f1"] for r in history})
 
 
 def _progress(cfg: TrainConfig, start: int) -> Optional[Any]:

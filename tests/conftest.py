@@ -11,7 +11,11 @@ register_configs()
 
 
 def compose_config(overrides=()) -> TrainConfig:
-    """conf/train.yaml composed with overrides, as a typed TrainConfig (not validated)."""
+    """conf/train.yaml composed with overrides, as a typed TrainConfig (not validated). Most tests
+    exercise the dialog language-modelling task; pass task=topics for the default classification."""
+    overrides = list(overrides)
+    if not any(o.startswith(("task=", "+task=")) for o in overrides):
+        overrides = ["task=dialog", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="train", overrides=list(overrides))

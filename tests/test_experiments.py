@@ -31,3 +31,11 @@ def test_every_experiment_file_runs(tmp_path):
     assert sorted(s["name"] for s in summaries) == _names("experiment")
     for s in summaries:
         assert s["final_eval_loss"] is not None and s["tokens"] > 0, s["name"]
+
+
+@pytest.mark.slow
+def test_default_task_runs_minilm_lora_classification(tmp_path):
+    """The default task (MiniLM + LoRA topic classification) end to end, one tiny round."""
+    (s,) = _sweep(tmp_path, "task=topics", "data.max_eval_examples=16")
+    assert s["name"] == "topics" and s["final_eval_loss"] is not None and s["tokens"] > 0
+    assert 0.0 <= s["final_eval_acc"] <= 1.0 and 0.0 <= s["final_eval_f1"] <= 1.0

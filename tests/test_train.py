@@ -26,7 +26,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_args(tmp_path_factory):
     cache = tmp_path_factory.mktemp("tok")
-    return ["debug=tiny", f"data.tokenizer_cache={cache}", "data.max_eval_examples=32",
+    return ["task=dialog", "debug=tiny", f"data.tokenizer_cache={cache}", "data.max_eval_examples=32",
             "checkpoint.every=1"]
 
 

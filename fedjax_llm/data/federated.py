@@ -6,15 +6,16 @@ seed gives the same population whatever else changes; batch order depends only o
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import tokenizers
 
 from fedjax_llm.config import CloudsConfig, DataConfig, PartitionConfig
 from fedjax_llm.data.corpus import Example, load_chatterbot, load_jsonl
+from fedjax_llm.data.encode import (encode_classify, encode_dialogue_hf, is_hf_tokenizer, pad_id,
+                                    tokenizer_vocab_size)
 from fedjax_llm.data.partition import partition_dirichlet, partition_iid, partition_natural, split_eval
-from fedjax_llm.data.tokenizer import PAD, encode_examples, load_or_train_tokenizer
+from fedjax_llm.data.tokenizer import encode_examples, load_or_train_tokenizer
 
 _SALT_PARTITION = 1001   # fixed per use: changing one never shifts another's stream
 _SALT_EVAL = 1002
@@ -33,15 +34,25 @@ class FederatedData:
     client_names: list[str]      # "<cloud>/<i>", i counted from 0 within the cloud
     client_cloud: np.ndarray     # [P] int32 index into cloud_names; clients ordered cloud by cloud
     cloud_names: list[str]
-    tokenizer: tokenizers.Tokenizer
+    tokenizer: Any               # tokenizers.Tokenizer (our BPE) or a transformers tokenizer
     num_truncated: int
     excluded: int                # examples no cloud selected (not in tokens)
     examples: list[Example] = dataclasses.field(default_factory=list)  # row i of tokens, for inspection
+    labels: Optional[np.ndarray] = None   # [N] int32 for data.task=classify (loss_mask = attention mask)
+    label_names: list[str] = dataclasses.field(default_factory=list)  # label id -> data.label_field value
 
     @property
     def vocab_size(self) -> int:
-        """Size of the trained vocabulary (<= data.vocab_size when the corpus runs out of merges)."""
-        return self.tokenizer.get_vocab_size()
+        """Tokenizer vocabulary size (a trained BPE's is <= data.vocab_size when merges run out)."""
+        return tokenizer_vocab_size(self.tokenizer)
+
+    @property
+    def num_labels(self) -> Optional[int]:
+        return len(self.label_names) if self.labels is not None else None
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id(self.tokenizer)
 
     @property
     def num_clients(self) -> int:
@@ -155,14 +166,37 @@ def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, c
             raise ValueError(f"client {client_names[c]} has no training example; use fewer clients "
                              f"(clouds.members.{cloud_names[client_cloud[c]]}.clients)")
 
-    texts = [t for i in np.sort(np.concatenate(train_idx))
-             for t in (examples[i].prompt, examples[i].response) if t]
-    tokenizer = load_or_train_tokenizer(texts, data_cfg.vocab_size, data_cfg.tokenizer_cache)
-    enc = encode_examples(tokenizer, examples, data_cfg.seq_len)
+    tokenizer = _tokenizer(data_cfg, examples, train_idx)
+    labels, label_names = None, []
+    if data_cfg.task == "classify":
+        values = _field(examples, np.arange(len(examples)), data_cfg.label_field, "data.label_field")
+        label_names = sorted(set(values.tolist()))
+        labels = np.searchsorted(np.array(label_names, dtype=object), values).astype(np.int32)
+        enc = encode_classify(tokenizer, examples, data_cfg.seq_len)
+    elif is_hf_tokenizer(tokenizer):
+        enc = encode_dialogue_hf(tokenizer, examples, data_cfg.seq_len)
+    else:
+        enc = encode_examples(tokenizer, examples, data_cfg.seq_len)
     return FederatedData(tokens=enc.tokens, loss_mask=enc.loss_mask, train_idx=train_idx, eval_idx=eval_idx,
                          client_names=client_names, client_cloud=client_cloud, cloud_names=cloud_names,
                          tokenizer=tokenizer, num_truncated=enc.num_truncated,
-                         excluded=total - len(examples), examples=examples)
+                         excluded=total - len(examples), examples=examples, labels=labels,
+                         label_names=label_names)
+
+
+def _tokenizer(data_cfg: DataConfig, examples: Sequence[Example], train_idx: list[np.ndarray]) -> Any:
+    """A Hugging Face tokenizer from data.tokenizer_path, else a BPE trained on the train split only."""
+    if data_cfg.tokenizer_path:
+        from fedjax_llm.models.build import resolve_path
+        from fedjax_llm.models.hf_io import load_tokenizer
+        path = resolve_path(data_cfg.tokenizer_path, need="")
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise ValueError(f"data.tokenizer_path: {path} holds no tokenizer files")
+        return tokenizer
+    texts = [t for i in np.sort(np.concatenate(train_idx))
+             for t in (examples[i].prompt, examples[i].response) if t]
+    return load_or_train_tokenizer(texts, data_cfg.vocab_size, data_cfg.tokenizer_cache)
 
 
 @dataclasses.dataclass
@@ -171,6 +205,7 @@ class RoundBatches:
     loss_mask: np.ndarray   # [K, S, B, T] float32, 0 on padded rows
     step_mask: np.ndarray   # [K, S] bool, False = step skipped (the optimizer must not move)
     cursors: np.ndarray     # [P] int64 new cursors
+    labels: Optional[np.ndarray] = None  # [K, S, B] int32 for classification
 
 
 def _visit(train: np.ndarray, client: int, start: int, count: int, data_seed: int) -> np.ndarray:
@@ -217,10 +252,12 @@ def round_batches(fd: FederatedData, client_ids: np.ndarray, cursors: np.ndarray
         new_cursors[c] += count_K[k]
     rows_KxSB = np.arange(S * B)[None, :] < count_K[:, None]
     T = fd.tokens.shape[1]
-    tokens = np.where(rows_KxSB[..., None], fd.tokens[idx_KxSB], PAD).astype(np.int32)
+    tokens = np.where(rows_KxSB[..., None], fd.tokens[idx_KxSB], fd.pad_id).astype(np.int32)
     loss_mask = fd.loss_mask[idx_KxSB] * rows_KxSB[..., None]
+    labels = None if fd.labels is None else (fd.labels[idx_KxSB] * rows_KxSB).reshape(K, S, B).astype(np.int32)
     return RoundBatches(tokens=tokens.reshape(K, S, B, T), loss_mask=loss_mask.reshape(K, S, B, T),
-                        step_mask=np.arange(S)[None, :] < steps_K[:, None], cursors=new_cursors)
+                        step_mask=np.arange(S)[None, :] < steps_K[:, None], cursors=new_cursors,
+                        labels=labels)
 
 
 def eval_batches(fd: FederatedData, indices: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +269,11 @@ def eval_batches(fd: FederatedData, indices: np.ndarray, batch_size: int) -> tup
     idx_MB = np.zeros(M * batch_size, np.int64)
     idx_MB[:len(indices)] = indices
     rows_MB = np.arange(M * batch_size) < len(indices)
-    tokens = np.where(rows_MB[:, None], fd.tokens[idx_MB], PAD).astype(np.int32)
+    tokens = np.where(rows_MB[:, None], fd.tokens[idx_MB], fd.pad_id).astype(np.int32)
     loss_mask = fd.loss_mask[idx_MB] * rows_MB[:, None]
     return tokens.reshape(M, batch_size, T), loss_mask.reshape(M, batch_size, T).astype(np.float32)
+
+
+def eval_labels(fd: FederatedData, indices: np.ndarray) -> np.ndarray:
+    """Labels of the eval examples, in eval_batches' order (classification only)."""
+    return fd.labels[np.asarray(indices, np.int64).reshape(-1)]
