@@ -11,6 +11,12 @@ each measurement then runs in a fresh subprocess that reports resource.getrusage
   hf-load     transformers' own LlamaForCausalLM.from_pretrained(dir), for context
 Ratios divide by the f32 parameter bytes: "peak" is the whole process, "added" is the peak minus the
 RSS just before the measured step (interpreter, jax and imports excluded).
+
+    python experiments/bench_models.py --rounds 5        # also: MiniLM federated rounds, LoRA vs full
+
+--rounds N times the default task (conf/task/topics.yaml: all-MiniLM-L6-v2, 9 clients, 2 local steps
+of 8 sequences of 48 tokens) in one process: LoRA (frozen base) and full fine-tuning of the same
+pretrained model; median of N rounds after a warm-up round, tokens/s over the K x S x B x T tokens.
 """
 from __future__ import annotations
 
@@ -88,6 +94,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--modes", default="load,load-bf16,export,hf-load")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    p.add_argument("--rounds", type=int, default=0, help="also time N MiniLM rounds, LoRA vs full")
+    p.add_argument("--rounds-only", action="store_true", help="only the MiniLM rounds")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -97,6 +105,9 @@ def main() -> None:
         return
     if args.child == "measure":
         print(json.dumps(child_measure(args)))
+        return
+    if args.rounds_only:
+        bench_minilm_rounds(args.rounds or 5)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,6 +130,53 @@ def main() -> None:
                   f"{r['peak_ratio']:.2f} | {r['added_ratio']:.2f} |", flush=True)
         if args.json:
             print(json.dumps(results))
+    if args.rounds:
+        bench_minilm_rounds(args.rounds)
+
+
+def bench_minilm_rounds(rounds: int) -> None:
+    """Round seconds and tokens/s of federated MiniLM: LoRA next to full fine-tuning."""
+    import os
+    import statistics
+
+    import jax
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fedjax_llm.config import register_configs, to_train_config, validate
+    from fedjax_llm.data.federated import build_federated_data
+    from fedjax_llm.models.params import count_params
+    from fedjax_llm.server import Federation
+    from fedjax_llm.train import CONF_DIR
+
+    register_configs()
+    print(f"\nMiniLM federated rounds (task=topics), median of {rounds} after a warm-up")
+    print("| fine-tuning | trainable params | bytes up per round | s/round | tokens/s | vs full |")
+    print("|---|---|---|---|---|---|")
+    full_tps = None
+    for label, overrides in (("full", ["model.lora.enabled=false"]), ("LoRA r8 (q, v)", [])):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = validate(to_train_config(compose("train", overrides=["task=topics", *overrides])))
+        data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
+        fed = Federation(cfg, data)
+        state, m = fed.run_round(fed.init_state())
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            state, m = fed.run_round(state)
+            jax.block_until_ready(state.params)
+            times.append(time.perf_counter() - t0)
+        sec = statistics.median(times)
+        c = cfg.client
+        tokens = fed.cohort_size * c.local_steps * c.batch_size * cfg.data.seq_len
+        tps = tokens / sec
+        full_tps = full_tps or tps
+        up = sum(v["bytes_up"] for v in m["clouds"].values())
+        print(f"| {label} | {count_params(state.params):,} | {up / 1e6:.2f} MB | {sec:.2f} | {tps:,.0f} | "
+              f"{tps / full_tps:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    aggregation: str = "naive"     # naive: A and B averaged apart (inexact: mean(AB) != mean(A)mean(B))
+                                   # ffa: FFA-LoRA (Sun et al., 2024), A frozen at its random init and
+                                   # never sent; B averaged, which is the exact average of the products
 
 
 @dataclasses.dataclass
@@ -356,6 +359,9 @@ def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:
         _one_of(m.init, "model.init", ("pretrained", "random"))
         if not d.tokenizer_path:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, tokenizer_path=m.path))
+    _one_of(m.lora.aggregation, "model.lora.aggregation", ("naive", "ffa"))
+    if m.lora.aggregation != "naive":
+        _require(m.lora.enabled, "model.lora.aggregation", f"={m.lora.aggregation!r} needs model.lora.enabled=true")
     if m.family == "bow":
         _require(d.task == "classify", "model.family", "=bow is a classifier; set data.task=classify")
         _require(not m.lora.enabled, "model.lora.enabled", "LoRA has no layers to adapt in model.family=bow")

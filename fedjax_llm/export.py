@@ -52,14 +52,28 @@ def save_tokenizer(tokenizer: Any, out: str | Path) -> list[str]:
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
-def _save_model(path: Path, spec: Any, params: Any, tokenizer: Any) -> Path:
-    """config.json + safetensors + tokenizer + generation_config.json in one directory."""
+def _save_model(path: Path, spec: Any, params: Any, tokenizer: Any, base_config: Optional[dict] = None,
+                labels: Sequence[str] = ()) -> Path:
+    """config.json + safetensors + tokenizer (+ generation_config.json for a causal LM) in one
+    directory. A Hugging Face tokenizer (a model imported with model.path) is saved as it is and the
+    imported config.json carries the fields we do not model; our BPE gets its own token ids."""
+    from fedjax_llm.data.encode import is_hf_tokenizer
     from fedjax_llm.models.hf_io import save_hf
 
-    save_hf(path, spec, params, base_config=dict(TOKEN_IDS))
-    save_tokenizer(tokenizer, path)
-    _write_json(path / "generation_config.json", {
-        "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD})
+    hf_tok = is_hf_tokenizer(tokenizer)
+    save_hf(path, spec, params, base_config=dict(base_config or {}) if hf_tok else dict(TOKEN_IDS))
+    if hf_tok:
+        tokenizer.save_pretrained(str(path))
+    else:
+        save_tokenizer(tokenizer, path)
+    if labels:  # readable label names instead of LABEL_i
+        config = json.loads((path / "config.json").read_text())
+        config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+        config["label2id"] = {name: i for i, name in enumerate(labels)}
+        _write_json(path / "config.json", config)
+    elif not hf_tok:
+        _write_json(path / "generation_config.json", {
+            "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD})
     return path
 
 
@@ -77,13 +91,28 @@ def export_loaded(run: Any, out: str | Path, *, merged: bool = False) -> dict:
     from fedjax_llm.models.params import combine
 
     out = Path(out).absolute()
+    cfg = run.cfg
+    labels = list(getattr(run, "label_names", []) or [])
+    if cfg.data.task == "classify":
+        fmt = f"classify prompt + ' ' + response into {cfg.data.label_field} (id2label in config.json)"
+    elif cfg.model.family == "hf":
+        fmt = "[bos] prompt response [eos] (the imported tokenizer's tokens)"
+    else:
+        fmt = "<bos> prompt <sep> -> response <eos>"
+    base_config = None
+    if cfg.model.family == "hf":
+        from fedjax_llm.models.build import resolve_path
+        base_config = json.loads((Path(resolve_path(cfg.model.path)) / "config.json").read_text())
     written = {"run_dir": os.path.abspath(run.run_dir), "round": run.round,
-               "lora": run.spec.lora is not None, "trained_seq_len": run.cfg.data.seq_len,
-               "model": str(out), "prompt_format": "<bos> prompt <sep> -> response <eos>"}
-    _save_model(out, run.spec, combine(run.trainable, run.frozen), run.tokenizer)
+               "lora": run.spec.lora is not None, "trained_seq_len": cfg.data.seq_len,
+               "model": str(out), "prompt_format": fmt}
+    _save_model(out, run.spec, combine(run.trainable, run.frozen), run.tokenizer, base_config, labels)
     if run.spec.lora is not None and not merged:
         base_spec = dataclasses.replace(run.spec, lora=None)
-        _save_model(out / "base", base_spec, run.frozen, run.tokenizer)
+        from fedjax_llm.models.build import split_leaves
+        head, _ = split_leaves(split_leaves(run.initial, "lora_a")[0], "lora_b")  # a task head, if any:
+        base = combine(head, run.frozen) if head else run.frozen  # the adapter's modules_to_save override it
+        _save_model(out / "base", base_spec, base, run.tokenizer, base_config, labels)
         save_peft_adapter(out / "adapter", run.spec, run.trainable, str(out / "base"))
         written.update(base=str(out / "base"), adapter=str(out / "adapter"))
     _write_json(out / "fedjax_llm_export.json", written)

@@ -29,6 +29,7 @@ class LoadedRun:
     frozen: Params           # the frozen base ({} for full fine-tuning)
     initial: Params          # trainable params of the round-0 model
     round: int               # rounds completed by the checkpointed model
+    label_names: list = dataclasses.field(default_factory=list)  # classification: label id -> name
 
 
 def read_config(run_dir: str) -> TrainConfig:
@@ -75,6 +76,12 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
     if meta.get("frozen_digest") != tree_digest(fed.frozen):
         raise RunDirError(f"{directory}: step {int(state.round)} was trained on another frozen base "
                           "than the one rebuilt from config.yaml (model, seed or data changed?)")
+    trainable, frozen, initial = state.params, fed.frozen, fed.init_params
+    if cfg.model.lora.aggregation == "ffa":  # A trained nowhere but lives with the adapters on export
+        from fedjax_llm.models.build import split_leaves
+        from fedjax_llm.models.params import combine
+        frozen, a = split_leaves(frozen, "lora_a")
+        trainable, initial = combine(trainable, a), combine(initial, a)
     return LoadedRun(run_dir=run_dir, cfg=cfg, spec=fed.spec, tokenizer=data.tokenizer,
-                     trainable=state.params, frozen=fed.frozen, initial=fed.init_params,
-                     round=int(state.round))
+                     trainable=trainable, frozen=frozen, initial=initial, round=int(state.round),
+                     label_names=list(data.label_names))

@@ -31,7 +31,7 @@ from fedjax_llm.clouds.message import MessageError
 from fedjax_llm.config import TrainConfig
 from fedjax_llm.data.federated import FederatedData, round_batches
 from fedjax_llm.evaluate import make_evaluator, perplexity
-from fedjax_llm.models.build import build_model
+from fedjax_llm.models.build import build_model, freeze_lora_a
 from fedjax_llm.secure.round import SecureSum, dp_noise_std, noise_at_clouds, secure_sums_in_clouds
 from fedjax_llm.round import (AXIS, RoundInputs, default_chunk, input_sharding, make_loop_compute,
                               make_round_compute, plan_layout)
@@ -96,6 +96,8 @@ class Federation:
         self.secagg_in_clouds = g.enabled and g.scope != "clouds"
         self.fns, self.init_params, self.frozen, self.spec = build_model(cfg, data.vocab_size, data.num_labels,
                                                                          self.k_model)
+        if cfg.model.lora.aggregation == "ffa":
+            self.init_params, self.frozen = freeze_lora_a(self.init_params, self.frozen)
         self.hparams = ClientHParams(lr=jnp.float32(cfg.client.lr))
         self.num_train = data.num_train_examples()
         self.byzantine = participation.byzantine_clients(cfg.attack, data.client_cloud, self.cloud_names,

@@ -138,3 +138,29 @@ def test_unsupported_architecture_field_fails_at_start_up_naming_it(tmp_path):
     with pytest.raises(ConfigError) as info:
         validate(compose_config(["task=topics", "model=hf", f"model.path={tmp_path}"]))
     assert "position_embedding_type" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_ffa_lora_keeps_a_frozen_and_unsent_in_the_round(tmp_path):
+    """FFA-LoRA in a round: lora_a leaves the trained tree (so it is neither trained nor sent) and
+    stays bitwise at its init, so averaging B is the exact average of the clients' products A @ B_k
+    (tests/test_lora_agg.py checks the scheme itself against NumPy)."""
+    from fedjax_llm.data.federated import build_federated_data
+    from fedjax_llm.models.build import split_leaves
+    from fedjax_llm.server import Federation
+    base = ["task=dialog", "debug=tiny", "model=nano_lora", f"data.tokenizer_cache={tmp_path}",
+            "data.max_eval_examples=8", "client.local_steps=2"]
+    cfg = validate(compose_config(base + ["model.lora.aggregation=ffa"]))
+    data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
+    ffa = Federation(cfg, data)
+    naive = Federation(validate(compose_config(base)), data)
+    assert not split_leaves(ffa.init_params, "lora_a")[1] and split_leaves(ffa.frozen, "lora_a")[1]
+    a0 = split_leaves(naive.init_params, "lora_a")[1]
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a0, split_leaves(ffa.frozen, "lora_a")[1]))
+    state = ffa.init_state()
+    new, m = ffa.run_round(state)
+    sent = sum(c["bytes_up"] for c in m["clouds"].values())
+    _, mn = naive.run_round(naive.init_state())
+    assert sent < 0.6 * sum(c["bytes_up"] for c in mn["clouds"].values())  # B only: about half the adapters
+    # B moved, A did not: every client's product is A @ B_k with the one A, so the mean of B is exact
+    assert not jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), new.params, state.params))
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a0, split_leaves(ffa.frozen, "lora_a")[1]))

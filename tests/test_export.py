@@ -132,3 +132,40 @@ def test_cli_merged_and_step(lora_exported, tmp_path, capsys):
     assert not (out / "adapter").exists() and not (out / "base").exists()
     assert json.loads((out / "fedjax_llm_export.json").read_text())["round"] == 1
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_minilm_lora_classifier_run_exports_to_transformers_and_peft(tmp_path, tokenizer_cache):
+    """The default task's run (MiniLM + LoRA, topic classifier) exported: BertForSequenceClassification
+    and PeftModel on the exported base give our logits; labels and the tokenizer come along."""
+    import numpy as np
+    import peft
+    import torch
+    import transformers as tf
+
+    from fedjax_llm.train import run as train
+    cfg = compose_config(["task=topics", "debug=smoke", "checkpoint.enabled=true", "run.rounds=1",
+                          "client.lr=0.05", "data.max_eval_examples=8"])
+    train(cfg, str(tmp_path / "run"))
+    run = load_run(str(tmp_path / "run"))
+    written = export.export_loaded(run, tmp_path / "hf")
+    text = ["what is the stock market", "tell me a joke about computers"]
+    tok = tf.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    enc = tok(text, padding="max_length", max_length=cfg.data.seq_len, return_tensors="np")
+    ours = np.asarray(run_logits(run, enc["input_ids"], enc["attention_mask"]))
+    model = tf.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    assert model.config.id2label[3] == run.label_names[3] and len(run.label_names) == 16
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(enc["input_ids"]),
+                       attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    assert np.max(np.abs(theirs - ours)) < 1e-4
+    base = tf.AutoModelForSequenceClassification.from_pretrained(written["base"]).eval()
+    with torch.no_grad():
+        peft_logits = peft.PeftModel.from_pretrained(base, written["adapter"]).eval()(
+            input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    assert np.max(np.abs(peft_logits - ours)) < 1e-4
+
+
+def run_logits(run, ids, mask):
+    from fedjax_llm.models.params import model_fns
+    return model_fns(run.spec).apply(run.trainable, run.frozen, ids, None, attention_mask=mask)

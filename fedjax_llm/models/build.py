@@ -88,3 +88,27 @@ def build_model(cfg: Any, vocab_size: int, num_labels: Optional[int], key: jax.A
         return fns, trainable, frozen, spec
     fns, trainable, frozen = init_model(spec, key)
     return fns, trainable, frozen, spec
+
+
+def split_leaves(tree: Any, name: str) -> tuple[Any, Any]:
+    """(tree without the leaves called `name`, a tree of only those); combine() joins them back."""
+    if not isinstance(tree, dict):
+        return tree, {}
+    rest, only = {}, {}
+    for k, v in tree.items():
+        if k == name and not isinstance(v, dict):
+            only[k] = v
+            continue
+        r, o = split_leaves(v, name)
+        if not (isinstance(r, dict) and not r and isinstance(v, dict)):
+            rest[k] = r
+        if o:
+            only[k] = o
+    return rest, only
+
+
+def freeze_lora_a(trainable: Any, frozen: Any) -> tuple[Any, Any]:
+    """FFA-LoRA: every lora_a moves from the trained (and sent) tree to the frozen base."""
+    from fedjax_llm.models.params import combine
+    rest, a = split_leaves(trainable, "lora_a")
+    return rest, combine(a, frozen)

