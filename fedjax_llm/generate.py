@@ -3,6 +3,8 @@
     python -m fedjax_llm.generate RUN_DIR --prompt "How are you?" [--prompt ...] [--max-new-tokens 48]
         [--top-p 0.9 --temperature 0.8 --seed 0 | --greedy] [--step N] [--before]
 
+For a classification run (data.task=classify) it prints each text's three most probable labels instead.
+
 Prompts are laid out as in training (BOS prompt SEP) and answers end at EOS. Nucleus sampling follows
 Holtzman et al. (2020): keep the smallest set of tokens whose probability reaches top_p. The loop is
 one jit per (batch, prompt length, max new tokens); temperature and top_p are traced, not static.
@@ -157,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fedjax_llm.runs import load_run
 
     run = load_run(args.run_dir, args.step)
+    if run.cfg.data.task == "classify":
+        return _print_labels(run, args.prompt, args.before)
+    if run.cfg.model.family != "llama":
+        raise SystemExit(f"generate: {args.run_dir} trained a {run.cfg.model.family} model; KV-cached "
+                         "generation is implemented for the Llama family with our BPE layout only")
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
     width = run.cfg.data.seq_len
     after = answers(run.spec, run.trainable, run.frozen, run.tokenizer, args.prompt, width, sampling)
@@ -169,6 +176,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if before is not None:
             print(f"round 0:    {before[i]}")
         print(f"round {run.round}:{' ' * max(1, 5 - len(str(run.round)))}{after[i]}")
+    return 0
+
+
+def classify(run: Any, trainable: Params, texts: Sequence[str], top: int = 3) -> list[list[tuple[str, float]]]:
+    """The `top` most probable labels (name, probability) of each text under a classification run."""
+    from fedjax_llm.data.corpus import Example
+    from fedjax_llm.data.encode import encode_classify
+    from fedjax_llm.models.params import model_fns
+
+    enc = encode_classify(run.tokenizer, [Example(t, "", {}) for t in texts], run.cfg.data.seq_len)
+    logits = model_fns(run.spec).apply(trainable, run.frozen, jnp.asarray(enc.tokens), None,
+                                       attention_mask=jnp.asarray(enc.loss_mask))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    return [[(run.label_names[j], float(p[j])) for j in np.argsort(-p)[:top]] for p in probs]
+
+
+def _print_labels(run: Any, prompts: Sequence[str], before: bool) -> int:
+    after = classify(run, run.trainable, prompts)
+    first = classify(run, run.initial, prompts) if before else None
+    show = lambda ranked: ", ".join(f"{name} {p:.2f}" for name, p in ranked)  # noqa: E731
+    print(f"# {run.run_dir}: round {run.round} of {run.cfg.run.rounds}, {run.cfg.data.label_field} classifier")
+    for i, prompt in enumerate(prompts):
+        print(f"\ntext:       {prompt}")
+        if first is not None:
+            print(f"round 0:    {show(first[i])}")
+        print(f"round {run.round}:{' ' * max(1, 5 - len(str(run.round)))}{show(after[i])}")
     return 0
 
 

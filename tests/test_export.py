@@ -164,6 +164,9 @@ def test_minilm_lora_classifier_run_exports_to_transformers_and_peft(tmp_path, t
         peft_logits = peft.PeftModel.from_pretrained(base, written["adapter"]).eval()(
             input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
     assert np.max(np.abs(peft_logits - ours)) < 1e-4
+    from fedjax_llm.generate import classify  # the CLI's label view agrees with transformers' argmax
+    ranked = classify(run, run.trainable, text)
+    assert [r[0][0] for r in ranked] == [model.config.id2label[int(i)] for i in theirs.argmax(-1)]
 
 
 def run_logits(run, ids, mask):
