@@ -17,7 +17,9 @@ def _present(weights_N: jax.Array) -> jax.Array:
     return weights_N > 0
 
 
-NETWORK_MAX = 64  # up to this many entries, sort with a comparator network instead of jnp.sort
+NETWORK_MAX = 16  # up to this many entries, sort with a comparator network instead of jnp.sort
+# (above it the network's O(n log^2 n) elementwise ops make compile time and memory grow past jnp.sort's;
+# at 64 clients of a 527k-parameter model XLA:CPU ran out of memory)
 
 
 def batcher_pairs(n: int) -> list[tuple[int, int]]:
