@@ -17,17 +17,23 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else float(math.exp(min(loss, 50.0)))
 
 
+def _load_eval_set(ev, data: FederatedData, max_examples: int, batch_size: int) -> None:
+    """Sets ev.indices (the clouds' eval examples, cloud by cloud), ev.cloud_of, ev.num_examples and
+    the padded [M, B, T] ev.tokens / ev.mask shared by both evaluators."""
+    per_cloud = [data.eval_indices(c, max_examples) for c in range(len(data.cloud_names))]
+    ev.cloud_of = np.concatenate([np.full(len(ix), c) for c, ix in enumerate(per_cloud)])
+    ev.indices = np.concatenate(per_cloud).astype(np.int64)
+    ev.num_examples = len(ev.indices)
+    if ev.num_examples:
+        tokens, mask = eval_batches(data, ev.indices, batch_size)
+        ev.tokens, ev.mask = jnp.asarray(tokens), jnp.asarray(mask)
+
+
 class Evaluator:
     """Scores each eval example once; per-cloud figures are sums over that cloud's examples."""
 
     def __init__(self, apply_fn: Callable, data: FederatedData, max_examples: int, batch_size: int):
-        per_cloud = [data.eval_indices(c, max_examples) for c in range(len(data.cloud_names))]
-        self.cloud_of = np.concatenate([np.full(len(ix), c) for c, ix in enumerate(per_cloud)])
-        self.indices = np.concatenate(per_cloud).astype(np.int64)
-        self.num_examples = len(self.indices)
-        if self.num_examples:
-            tokens, mask = eval_batches(data, self.indices, batch_size)
-            self.tokens, self.mask = jnp.asarray(tokens), jnp.asarray(mask)
+        _load_eval_set(self, data, max_examples, batch_size)
 
         def per_example(params, frozen, tokens_MxBxT, mask_MxBxT):
             def one(xs):
@@ -76,13 +82,9 @@ class ClassifyEvaluator:
     def __init__(self, apply_fn: Callable, data: FederatedData, max_examples: int, batch_size: int):
         from fedjax_llm.client import label_nll
         from fedjax_llm.data.federated import eval_labels
-        per_cloud = [data.eval_indices(c, max_examples) for c in range(len(data.cloud_names))]
-        self.cloud_of = np.concatenate([np.full(len(ix), c) for c, ix in enumerate(per_cloud)])
-        self.indices = np.concatenate(per_cloud).astype(np.int64)
-        self.num_examples = len(self.indices)
+        _load_eval_set(self, data, max_examples, batch_size)
         if self.num_examples:
-            tokens, mask = eval_batches(data, self.indices, batch_size)
-            self.tokens, self.mask = jnp.asarray(tokens), jnp.asarray(mask)
+            tokens = self.tokens
             self.labels = eval_labels(data, self.indices)
             padded = np.zeros(tokens.shape[0] * tokens.shape[1], np.int32)
             padded[: self.num_examples] = self.labels
