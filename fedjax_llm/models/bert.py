@@ -13,7 +13,7 @@ from flax import nnx
 
 from fedjax_llm.models.layers import ACT_FNS, LayerNorm, attention, check_length, dropout
 from fedjax_llm.models.llama import Embed, fold_key
-from fedjax_llm.models.lora import LoRALinear, init_value
+from fedjax_llm.models.lora import LoRALinear, adapted_linear, init_value
 from fedjax_llm.models.spec import BertSpec
 
 
@@ -35,14 +35,7 @@ class Head(nnx.Module):
 
 def _projection(spec: BertSpec, name: str, d_in: int, d_out: int, rngs: nnx.Rngs) -> LoRALinear:
     """A biased projection, with adapters when spec.lora targets `name`."""
-    lora = spec.lora
-    adapted = lora is not None and name in lora.targets
-    return LoRALinear(d_in, d_out, rngs=rngs, use_bias=True,
-                      lora_rank=lora.rank if adapted else None,
-                      lora_scale=lora.scale if adapted else 1.0,
-                      lora_dropout=lora.dropout if adapted else 0.0,
-                      param_dtype=jnp.dtype(spec.param_dtype),
-                      compute_dtype=jnp.dtype(spec.compute_dtype))
+    return adapted_linear(spec, name, d_in, d_out, rngs, True)
 
 
 class Embeddings(nnx.Module):

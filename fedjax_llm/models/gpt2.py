@@ -14,7 +14,7 @@ from flax import nnx
 
 from fedjax_llm.models.layers import ACT_FNS, LayerNorm, attention, check_length, dropout
 from fedjax_llm.models.llama import Embed, Score, fold_key, last_token
-from fedjax_llm.models.lora import LoRALinear
+from fedjax_llm.models.lora import LoRALinear, adapted_linear
 from fedjax_llm.models.spec import GPT2Spec
 
 # fold_in indices of the dropout sites inside one block (LoRA dropout uses 10 + projection index).
@@ -23,14 +23,7 @@ _ATTN_PROBS, _ATTN_RESID, _MLP_RESID = 0, 1, 2
 
 def _projection(spec: GPT2Spec, name: str, d_in: int, d_out: int, rngs: nnx.Rngs) -> LoRALinear:
     """A biased Conv1D-equivalent projection, with adapters when spec.lora targets `name`."""
-    lora = spec.lora
-    adapted = lora is not None and name in lora.targets
-    return LoRALinear(d_in, d_out, rngs=rngs, use_bias=True,
-                      lora_rank=lora.rank if adapted else None,
-                      lora_scale=lora.scale if adapted else 1.0,
-                      lora_dropout=lora.dropout if adapted else 0.0,
-                      param_dtype=jnp.dtype(spec.param_dtype),
-                      compute_dtype=jnp.dtype(spec.compute_dtype))
+    return adapted_linear(spec, name, d_in, d_out, rngs, True)
 
 
 class GPT2Attention(nnx.Module):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fedjax_llm.models.lora import LoRALinear, init_value
+from fedjax_llm.models.lora import LoRALinear, adapted_linear, init_value
 from fedjax_llm.models.spec import LORA_TARGETS, LlamaSpec
 
 
@@ -146,14 +146,7 @@ class Embed(nnx.Module):
 def _projection(spec: LlamaSpec, name: str, rngs: nnx.Rngs, use_bias: bool = False) -> LoRALinear:
     """The named projection of one layer, with adapters when spec.lora targets it."""
     d_in, d_out = spec.projection_shapes()[name]
-    lora = spec.lora
-    adapted = lora is not None and name in lora.targets
-    return LoRALinear(d_in, d_out, rngs=rngs, use_bias=use_bias,
-                      lora_rank=lora.rank if adapted else None,
-                      lora_scale=lora.scale if adapted else 1.0,
-                      lora_dropout=lora.dropout if adapted else 0.0,
-                      param_dtype=jnp.dtype(spec.param_dtype),
-                      compute_dtype=jnp.dtype(spec.compute_dtype))
+    return adapted_linear(spec, name, d_in, d_out, rngs, use_bias)
 
 
 class Attention(nnx.Module):

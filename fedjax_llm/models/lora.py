@@ -76,3 +76,15 @@ class LoRALinear(nnx.Module):
             y_BxTxO = y_BxTxO + (z_BxTxR @ self.lora_b[...].astype(cdt)) * jnp.asarray(
                 self.lora_scale, cdt)
         return y_BxTxO
+
+
+def adapted_linear(spec, name: str, d_in: int, d_out: int, rngs: nnx.Rngs, use_bias: bool) -> "LoRALinear":
+    """The named projection of a model spec (any family), with adapters when spec.lora targets it."""
+    lora = spec.lora
+    adapted = lora is not None and name in lora.targets
+    return LoRALinear(d_in, d_out, rngs=rngs, use_bias=use_bias,
+                      lora_rank=lora.rank if adapted else None,
+                      lora_scale=lora.scale if adapted else 1.0,
+                      lora_dropout=lora.dropout if adapted else 0.0,
+                      param_dtype=jnp.dtype(spec.param_dtype),
+                      compute_dtype=jnp.dtype(spec.compute_dtype))
