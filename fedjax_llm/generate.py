@@ -5,7 +5,9 @@
 
 For a classification run (data.task=classify) it prints each text's three most probable labels instead.
 
-Prompts are laid out as in training (BOS prompt SEP) and answers end at EOS. Nucleus sampling follows
+Prompts are laid out as in training and answers end where training ended a response: BOS prompt SEP
+... EOS with our BPE (model.family=llama); [bos] prompt ... eos with an imported Hugging Face causal
+LM's own tokenizer (model=hf: Llama, Qwen2, Mistral or GPT-2). Nucleus sampling follows
 Holtzman et al. (2020): keep the smallest set of tokens whose probability reaches top_p. The loop is
 one jit per (batch, prompt length, max new tokens); temperature and top_p are traced, not static.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_llm.data.encode import is_hf_tokenizer, pad_id as tokenizer_pad_id
 from fedjax_llm.data.tokenizer import BOS, EOS, PAD, SEP
 from fedjax_llm.models.decode import decode_fns
 from fedjax_llm.models.params import Params, merge_lora
@@ -49,7 +54,8 @@ def next_token(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, to
 @functools.partial(jax.jit, static_argnames=("spec", "max_new_tokens", "greedy"))
 def _generate(spec: ModelSpec, trainable: Params, frozen: Params, prompt_BxP: jax.Array,
               lengths_B: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-              max_new_tokens: int, greedy: bool) -> tuple[jax.Array, jax.Array]:
+              eos_id: jax.Array, pad_id: jax.Array, max_new_tokens: int,
+              greedy: bool) -> tuple[jax.Array, jax.Array]:
     fns = decode_fns(spec)
     b, p = prompt_BxP.shape
     n = max_new_tokens
@@ -57,7 +63,7 @@ def _generate(spec: ModelSpec, trainable: Params, frozen: Params, prompt_BxP: ja
     logits_BxPxV, cache = fns.forward(trainable, frozen, prompt_BxP, cache, jnp.zeros(b, jnp.int32))
     last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     first_B = next_token(last_BxV, jax.random.fold_in(key, 0), temperature, top_p, greedy)
-    out_BxN = jnp.full((b, n), PAD, jnp.int32).at[:, 0].set(first_B)
+    out_BxN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first_B)
 
     def cond(carry):
         j, _, _, done_B = carry
@@ -68,21 +74,23 @@ def _generate(spec: ModelSpec, trainable: Params, frozen: Params, prompt_BxP: ja
         prev_B = out_BxN[:, j - 1]  # token j-1 sits at position length + j - 1 and predicts token j
         logits_Bx1xV, cache = fns.forward(trainable, frozen, prev_B[:, None], cache, lengths_B + j - 1)
         tok_B = next_token(logits_Bx1xV[:, 0], jax.random.fold_in(key, j), temperature, top_p, greedy)
-        tok_B = jnp.where(done_B, PAD, tok_B)
-        return j + 1, out_BxN.at[:, j].set(tok_B), cache, done_B | (tok_B == EOS)
+        tok_B = jnp.where(done_B, pad_id, tok_B)
+        return j + 1, out_BxN.at[:, j].set(tok_B), cache, done_B | (tok_B == eos_id)
 
-    _, out_BxN, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BxN, cache, first_B == EOS))
-    is_eos_BxN = out_BxN == EOS
+    _, out_BxN, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BxN, cache, first_B == eos_id))
+    is_eos_BxN = out_BxN == eos_id  # first hit is the real EOS even when pad_id == eos_id
     count_B = jnp.where(is_eos_BxN.any(axis=1), jnp.argmax(is_eos_BxN, axis=1) + 1, n)
     return out_BxN, count_B
 
 
 def generate(spec: ModelSpec, trainable: Params, frozen: Params, prompt_BxP: np.ndarray,
              lengths_B: np.ndarray, key: jax.Array, *, max_new_tokens: int, greedy: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, N] with EOS kept and PAD after it, tokens generated per row, EOS included).
+             temperature: float = 1.0, top_p: float = 1.0, eos_id: int = EOS,
+             pad_id: int = PAD) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [B, N] with eos_id kept and pad_id after it, tokens generated per row, EOS included).
 
     prompt_BxP is right-padded; row b's prompt is its first lengths_B[b] tokens. Same key, same draw.
+    eos_id/pad_id default to our BPE's; an imported model passes its tokenizer's.
     """
     lengths_B = np.asarray(lengths_B, np.int32)
     if max_new_tokens < 1:
@@ -90,12 +98,17 @@ def generate(spec: ModelSpec, trainable: Params, frozen: Params, prompt_BxP: np.
     if lengths_B.min() < 1 or lengths_B.max() > prompt_BxP.shape[1]:
         raise ValueError(f"generate: prompt lengths {lengths_B.tolist()} must be in [1, "
                          f"{prompt_BxP.shape[1]}] (the padded prompt width)")
+    field, limit = spec.max_len()
+    if limit is not None and prompt_BxP.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"generate: prompt width {prompt_BxP.shape[1]} + max_new_tokens "
+                         f"{max_new_tokens} exceeds the model's {field} = {limit}; ask for fewer tokens")
     if not greedy and (temperature <= 0 or not 0 <= top_p <= 1):
         raise ValueError(f"generate: need temperature > 0 and top_p in [0, 1], got {temperature}, "
                          f"{top_p} (use greedy=True for argmax)")
     tokens, count = _generate(spec, trainable, frozen, jnp.asarray(prompt_BxP, jnp.int32),
                               jnp.asarray(lengths_B), key, jnp.float32(temperature),
-                              jnp.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy)
+                              jnp.float32(top_p), jnp.int32(eos_id), jnp.int32(pad_id),
+                              max_new_tokens=max_new_tokens, greedy=greedy)
     return np.asarray(tokens), np.asarray(count)
 
 
@@ -119,6 +132,41 @@ def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode([t for t in ids if t > SEP], skip_special_tokens=True)
 
 
+def end_id_hf(tokenizer: Any) -> int:
+    """The id training appends after a response with a HF tokenizer (encode_dialogue_hf): eos, else sep."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end is None:
+        raise ValueError("generate: the tokenizer has neither an eos nor a sep token to end an answer")
+    return int(end)
+
+
+def encode_prompts_hf(tokenizer: Any, prompts: Sequence[str], seq_len: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [bos] prompt (right-padded to the longest) and their lengths, cut where training's
+    encode_dialogue_hf starts a response: that encoder with an empty response, so the layout is
+    training's and a long prompt keeps its last seq_len - len(bos) - 1 tokens (cut on the left)."""
+    from fedjax_llm.data.corpus import Example
+    from fedjax_llm.data.encode import encode_dialogue_hf
+
+    enc = encode_dialogue_hf(tokenizer, [Example(p, "", {}) for p in prompts], seq_len)
+    lengths = np.argmax(enc.loss_mask > 0, axis=1).astype(np.int32)  # first response slot: the eos
+    if lengths.min() < 1:
+        empty = [p for p, n in zip(prompts, lengths) if n < 1]
+        raise ValueError(f"generate: prompts {empty!r} encode to no tokens (the tokenizer adds no bos)")
+    width = int(lengths.max())
+    real_BxW = np.arange(width)[None, :] < lengths[:, None]  # drop the eos the encoder appended
+    rows = np.where(real_BxW, enc.tokens[:, :width], tokenizer_pad_id(tokenizer))
+    return rows.astype(np.int32), lengths
+
+
+def decode_answer_hf(tokenizer: Any, ids: Sequence[int], eos_id: int) -> str:
+    """Text of the generated ids up to (not including) the first eos, special tokens dropped."""
+    ids = [int(t) for t in ids]
+    if eos_id in ids:
+        ids = ids[:ids.index(eos_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 48
@@ -130,15 +178,52 @@ class Sampling:
 
 def answers(spec: ModelSpec, trainable: Params, frozen: Params, tokenizer: Any,
             prompts: Sequence[str], prompt_width: int, sampling: Sampling) -> list[str]:
-    """One answer per prompt; LoRA is merged into the base first (same function, fewer matmuls)."""
+    """One answer per prompt; LoRA is merged into the base first (same function, fewer matmuls).
+
+    Our BPE tokenizer: BOS prompt SEP rows of prompt_width, answers end at EOS. A Hugging Face
+    tokenizer: rows laid out as encode_dialogue_hf (prompt_width = data.seq_len), answers end at the
+    eos training appended, padding with its pad id.
+    """
     if spec.lora is not None:
         trainable, frozen = merge_lora(spec, trainable, frozen), {}
         spec = dataclasses.replace(spec, lora=None)
-    rows, lengths = encode_prompts(tokenizer, prompts, prompt_width)
+    if is_hf_tokenizer(tokenizer):
+        rows, lengths = encode_prompts_hf(tokenizer, prompts, prompt_width)
+        eos, pad = end_id_hf(tokenizer), tokenizer_pad_id(tokenizer)
+        decode = functools.partial(decode_answer_hf, tokenizer, eos_id=eos)
+    else:
+        rows, lengths = encode_prompts(tokenizer, prompts, prompt_width)
+        eos, pad, decode = EOS, PAD, functools.partial(decode_answer, tokenizer)
     tokens, count = generate(spec, trainable, frozen, rows, lengths, jax.random.key(sampling.seed),
                              max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
-                             temperature=sampling.temperature, top_p=sampling.top_p)
-    return [decode_answer(tokenizer, t[:c]) for t, c in zip(tokens, count)]
+                             temperature=sampling.temperature, top_p=sampling.top_p, eos_id=eos,
+                             pad_id=pad)
+    return [decode(t[:c]) for t, c in zip(tokens, count)]
+
+
+def check_causal_lm(cfg: Any, run_dir: str) -> None:
+    """Raises SystemExit unless the run trained a model with a next-token head (before any loading).
+
+    model.family=llama is ours; model=hf must name a causal-LM architecture in its config.json (a
+    BERT encoder or a *ForSequenceClassification checkpoint cannot continue a prompt).
+    """
+    family = cfg.model.family
+    if family == "llama":
+        return
+    if family != "hf":
+        raise SystemExit(f"generate: {run_dir} trained a model.family={family} model, which has no "
+                         "next-token head; generation needs model.family=llama or a causal LM (model=hf)")
+    from fedjax_llm.models.build import resolve_path
+    from fedjax_llm.models.families import FAMILIES, family_for_config
+
+    where = os.path.join(resolve_path(cfg.model.path), "config.json")
+    with open(where, encoding="utf-8") as f:
+        found = family_for_config(json.load(f), where)
+    causal = sorted(a for a, fam in FAMILIES.items() if fam.peft_task == "CAUSAL_LM")
+    if found.architecture not in causal:
+        raise SystemExit(f"generate: {run_dir} fine-tuned {found.architecture} ({where}) with "
+                         f"data.task={cfg.data.task}; it is not a causal LM and has no next-token head "
+                         f"to generate with. Generation supports {causal} and model.family=llama")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -156,14 +241,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also answer with the initial (round-0) model")
     args = parser.parse_args(argv)
 
-    from fedjax_llm.runs import load_run
+    from fedjax_llm.runs import load_run, read_config
 
+    cfg = read_config(args.run_dir)
+    if cfg.data.task != "classify":
+        check_causal_lm(cfg, args.run_dir)  # fail before rebuilding the data and the model
     run = load_run(args.run_dir, args.step)
     if run.cfg.data.task == "classify":
         return _print_labels(run, args.prompt, args.before)
-    if run.cfg.model.family != "llama":
-        raise SystemExit(f"generate: {args.run_dir} trained a {run.cfg.model.family} model; KV-cached "
-                         "generation is implemented for the Llama family with our BPE layout only")
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
     width = run.cfg.data.seq_len
     after = answers(run.spec, run.trainable, run.frozen, run.tokenizer, args.prompt, width, sampling)

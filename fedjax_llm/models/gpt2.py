@@ -3,6 +3,7 @@
 HF's Conv1D stores weights as [in, out], which is already our kernel layout, so c_attn stays one fused
 [D, 3D] projection (as PEFT adapts it) and import/export copies kernels without a transpose. With
 spec.num_labels it is `GPT2ForSequenceClassification`: `score` on the last real token, no lm_head.
+`GPT2.decode` is the KV-cached forward for generation (positions offset by each row's cache start).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_llm.models.layers import ACT_FNS, LayerNorm, attention, check_length, dropout
-from fedjax_llm.models.llama import Embed, Score, fold_key, last_token
+from fedjax_llm.models.llama import (Embed, KVCache, Score, cached_attention, fold_key, last_token,
+                                     write_cache)
 from fedjax_llm.models.lora import LoRALinear, adapted_linear
 from fedjax_llm.models.spec import GPT2Spec
 
@@ -45,6 +47,19 @@ class GPT2Attention(nnx.Module):
                                 dropout_key=fold_key(key, _ATTN_PROBS))
         return self.c_proj(out_BxTxNxH.reshape(b, t, d), fold_key(key, 11))
 
+    def decode(self, x_BxTxD: jax.Array, cache: KVCache, start_B: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        """Attention for T new tokens at positions start_b.. of each row, reading and extending the cache."""
+        b, t, d = x_BxTxD.shape
+        n = self.n_heads
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (
+            y.reshape(b, t, n, d // n) for y in jnp.split(self.c_attn(x_BxTxD), 3, axis=-1))
+        cache = KVCache(write_cache(cache.k, k_BxTxNxH, start_B),
+                        write_cache(cache.v, v_BxTxNxH, start_B))
+        positions_BxT = start_B[:, None] + jnp.arange(t)[None, :]
+        out_BxTxNxH = cached_attention(q_BxTxNxH, cache, positions_BxT)
+        return self.c_proj(out_BxTxNxH.reshape(b, t, d)), cache
+
 
 class GPT2MLP(nnx.Module):
     """c_proj(act(c_fc(x))), with HF's activation_function (gelu_new for GPT-2)."""
@@ -75,6 +90,13 @@ class GPT2Block(nnx.Module):
         h_BxTxD = x_BxTxD + dropout(a_BxTxD, self.resid_dropout, fold_key(key, _ATTN_RESID))
         m_BxTxD = self.mlp(self.ln_2(h_BxTxD), key)
         return h_BxTxD + dropout(m_BxTxD, self.resid_dropout, fold_key(key, _MLP_RESID))
+
+    def decode(self, x_BxTxD: jax.Array, cache: KVCache, start_B: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+        """The block of __call__ without dropout, attention reading and extending the cache."""
+        a_BxTxD, cache = self.attn.decode(self.ln_1(x_BxTxD), cache, start_B)
+        h_BxTxD = x_BxTxD + a_BxTxD
+        return h_BxTxD + self.mlp(self.ln_2(h_BxTxD), None), cache
 
 
 class GPT2(nnx.Module):
@@ -108,6 +130,27 @@ class GPT2(nnx.Module):
         h_BxTxD = self.ln_f(h_BxTxD)
         if self.score is not None:
             return self.score(last_token(h_BxTxD, attention_mask))
+        return self._logits(h_BxTxD)
+
+    def decode(self, tokens_BxT: jax.Array, cache: tuple[KVCache, ...],
+               start_B: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+        """Logits [B, T, V] of T new tokens at positions start_b..start_b+T-1 and the extended cache.
+
+        Prefill is one call at start 0, each decode step T = 1; the learned position of a token is
+        its row's start plus its offset, so cached logits equal __call__'s (no dropout).
+        """
+        if self.score is not None:
+            raise ValueError("GPT2.decode: a classifier (spec.num_labels set) has no lm_head")
+        positions_BxT = start_B[:, None] + jnp.arange(tokens_BxT.shape[1])[None, :]
+        h_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
+        new_cache = []
+        for block, block_cache in zip(self.h, cache):
+            h_BxTxD, block_cache = block.decode(h_BxTxD, block_cache, start_B)
+            new_cache.append(block_cache)
+        return self._logits(self.ln_f(h_BxTxD)), tuple(new_cache)
+
+    def _logits(self, h_BxTxD: jax.Array) -> jax.Array:
+        """lm_head (or the tied wte) on the final-normed hidden states, logits in float32."""
         head_DxV = (self.wte.embedding[...].T if self.lm_head is None else
                     self.lm_head.kernel[...])
         return jnp.einsum("btd,dv->btv", h_BxTxD, head_DxV.astype(h_BxTxD.dtype),
