@@ -14,9 +14,10 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fedjax_llm.aggregate import robust
+from fedjax_llm.aggregate import lora_round, robust
 from fedjax_llm.aggregate.base import Aggregator, Reducer, Rule, buffered_reducer, weighted_mean_reducer
 from fedjax_llm.aggregate.fedavg import rule_aggregator, server_optimizer, weighted_mean
 from fedjax_llm.aggregate.fednova import fednova_aggregator, fednova_piece
@@ -28,6 +29,15 @@ from fedjax_llm.types import ClientOutput
 
 # (output, client key, attacked flag) -> output; runs per client inside the jitted round
 ClientTransform = Callable[[ClientOutput, jax.Array, jax.Array], ClientOutput]
+
+
+class LoRAScheme(NamedTuple):
+    """How LoRA adapters are aggregated: scheme (lora_round.SCHEMES), scale alpha / r, rank per client."""
+
+    scheme: str
+    scale: float
+    ranks: np.ndarray
+    r_max: int
 
 
 class Algorithm(NamedTuple):
@@ -81,9 +91,11 @@ def make_transform(a: AlgorithmConfig, attack: AttackConfig) -> ClientTransform:
 
 def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int,
                     dp: Optional[DPConfig] = None, expected_clients: float = 0.0,
-                    dp_key: Optional[jax.Array] = None, dp_noise_at_clouds: bool = False) -> Algorithm:
+                    dp_key: Optional[jax.Array] = None, dp_noise_at_clouds: bool = False,
+                    lora: Optional[LoRAScheme] = None) -> Algorithm:
     """The algorithm for a run; with `dp` enabled, DP-FedAvg's clipping and noised sum take the
-    place of the weighted mean (validate() has ruled out the rules and pieces it cannot combine with)."""
+    place of the weighted mean (validate() has ruled out the rules and pieces it cannot combine with).
+    `lora` adds per-client ranks and the FedEx-LoRA / FlexLoRA product schemes (lora_round.py)."""
     pieces: list[ClientPiece] = []
     if a.prox_mu > 0:
         pieces.append(prox_piece(a.prox_mu))
@@ -107,6 +119,10 @@ def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int,
         aggregator = fednova_aggregator()
     else:
         aggregator = rule_aggregator(make_rule(a.cloud_rule, a))
+
+    if lora is not None and (lora.scheme in lora_round.PRODUCT_SCHEMES or len(set(lora.ranks.tolist())) > 1):
+        pieces.append(lora_round.lora_piece(lora.scheme, lora.scale, lora.ranks, lora.r_max))
+        aggregator = lora_round.lora_aggregator(aggregator, lora.scheme, lora.scale)
 
     opt = server_optimizer(a.server_optimizer, a.server_lr, a.server_momentum, a.server_b1,
                            a.server_b2, a.server_eps)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_llm.config import ClientConfig
+from fedjax_llm.models.params import combine
 from fedjax_llm.types import ClientBatches, ClientHParams, ClientOutput, Params
 
 ApplyFn = Callable[..., jax.Array]  # apply(trainable, frozen, tokens_BxT, dropout_key) -> logits
@@ -35,11 +36,28 @@ class ClientPiece(NamedTuple):
     adjust_grads: Optional[Callable[[Params, Any, Any], Params]] = None  # (grads, state, broadcast)
     # (delta, steps, lr, state, broadcast) -> (delta, aux, new state)
     finish: Optional[Callable[..., tuple[Params, Any, Any]]] = None
+    # (params, population) -> state [P, ...]; default: init_state's zeros for every client
+    init_population: Optional[Callable[[Params, int], Any]] = None
+    # (params, frozen, state, broadcast) -> (params, frozen) the client starts its local steps from
+    start: Optional[Callable[..., tuple[Params, Params]]] = None
+    # (final params, global params, state) -> leaves merged into the delta after every finish
+    extra_delta: Optional[Callable[[Params, Params, Any], Params]] = None
 
 
 def init_client_state(pieces: Sequence[ClientPiece], params: Params) -> dict:
     """The per-client state template of an algorithm ({} when it keeps none)."""
     return {p.name: p.init_state(params) for p in pieces if p.init_state is not None}
+
+
+def init_population_state(pieces: Sequence[ClientPiece], params: Params, population: int) -> dict:
+    """Every client's initial state, leaves [P, ...]."""
+    out = {}
+    for p in pieces:
+        if p.init_population is not None:
+            out[p.name] = p.init_population(params, population)
+        elif p.init_state is not None:
+            out[p.name] = jax.tree.map(lambda x: jnp.zeros((population,) + x.shape, x.dtype), p.init_state(params))
+    return out
 
 
 def client_optimizer(cfg: ClientConfig) -> optax.GradientTransformation:
@@ -131,7 +149,11 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
     def local_update(trainable: Params, frozen: Params, batches: ClientBatches, key: jax.Array,
                      hparams: ClientHParams, weight: jax.Array, state: dict, broadcast: dict):
-        opt_state = optimizer.init(trainable)
+        start, run_frozen = trainable, frozen
+        for p in pieces:
+            if p.start is not None:
+                start, run_frozen = p.start(start, run_frozen, state.get(p.name), broadcast.get(p.name))
+        opt_state = optimizer.init(start)
         opt_state = opt_state._replace(
             hyperparams={**opt_state.hyperparams, "learning_rate": hparams.lr})
         step_keys = jax.random.split(key, batches.step_mask.shape[0])
@@ -139,7 +161,7 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         def step(carry, xs):
             params, opt = carry
             inputs, valid, step_key = xs
-            (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, frozen, inputs, step_key, broadcast)
+            (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, run_frozen, inputs, step_key, broadcast)
             for p in pieces:
                 if p.adjust_grads is not None:
                     grads = p.adjust_grads(grads, state.get(p.name), broadcast.get(p.name))
@@ -150,7 +172,7 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             return carry, (jnp.where(valid, loss_sum, 0.0), jnp.where(valid, ntok, 0.0))
 
         xs = (batches.inputs, batches.step_mask, step_keys)
-        (final, _), (loss_sums, ntoks) = jax.lax.scan(step, (trainable, opt_state), xs)
+        (final, _), (loss_sums, ntoks) = jax.lax.scan(step, (start, opt_state), xs)
         delta = jax.tree.map(lambda a, b: a - b, final, trainable)
         steps = jnp.sum(batches.step_mask.astype(jnp.float32))
         aux, new_state = {}, dict(state)
@@ -160,6 +182,9 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                                                  broadcast.get(p.name))
                 if p.name in state:
                     new_state[p.name] = s
+        for p in pieces:
+            if p.extra_delta is not None:
+                delta = combine(delta, p.extra_delta(final, trainable, state.get(p.name)))
         loss_sum = jnp.sum(loss_sums)
         finite = all_finite((delta, aux, new_state)) & jnp.isfinite(loss_sum)
         out = ClientOutput(delta=delta, weight=jnp.asarray(weight, jnp.float32), steps=steps, aux=aux,

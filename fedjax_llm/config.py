@@ -27,6 +27,13 @@ class LoRAConfig:
     aggregation: str = "naive"     # naive: A and B averaged apart (inexact: mean(AB) != mean(A)mean(B))
                                    # ffa: FFA-LoRA (Sun et al., 2024), A frozen at its random init and
                                    # never sent; B averaged, which is the exact average of the products
+                                   # fedex: FedEx-LoRA (Singhal et al., 2024), A and B averaged and the
+                                   # residual mean(AB) - mean(A)mean(B) folded into the frozen base
+                                   # (sent down every round as dense kernels)
+                                   # flex: FlexLoRA (Bai et al., 2024), the product mean re-factorised
+                                   # by SVD at rank `rank`; a client of rank r_k gets the top r_k
+    client_ranks: List[int] = field(default_factory=list)  # rank of client i: client_ranks[i % len]
+                                   # (each <= rank, the padded width); empty = every client at rank
 
 
 @dataclasses.dataclass
@@ -359,9 +366,7 @@ def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:
         _one_of(m.init, "model.init", ("pretrained", "random"))
         if not d.tokenizer_path:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, tokenizer_path=m.path))
-    _one_of(m.lora.aggregation, "model.lora.aggregation", ("naive", "ffa"))
-    if m.lora.aggregation != "naive":
-        _require(m.lora.enabled, "model.lora.aggregation", f"={m.lora.aggregation!r} needs model.lora.enabled=true")
+    _validate_lora(cfg)
     if m.family == "bow":
         _require(d.task == "classify", "model.family", "=bow is a classifier; set data.task=classify")
         _require(not m.lora.enabled, "model.lora.enabled", "LoRA has no layers to adapt in model.family=bow")
@@ -372,6 +377,30 @@ def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(("model.", "data.")) else f"model.path: {msg}") from None
     return cfg
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    lo, a = cfg.model.lora, cfg.algorithm
+    _one_of(lo.aggregation, "model.lora.aggregation", ("naive", "ffa", "fedex", "flex"))
+    if lo.aggregation != "naive" or lo.client_ranks:
+        key = "model.lora.aggregation" if lo.aggregation != "naive" else "model.lora.client_ranks"
+        _require(lo.enabled, key, "needs model.lora.enabled=true")
+    for i, r in enumerate(lo.client_ranks):
+        _require(1 <= r <= lo.rank, f"model.lora.client_ranks[{i}]",
+                 f"= {r} must be in [1, model.lora.rank={lo.rank}] (rank is the padded width)")
+    if lo.aggregation not in ("fedex", "flex"):
+        return
+    why = f"model.lora.aggregation={lo.aggregation!r} makes the model the exact product mean"
+    _require(a.server_optimizer == "sgd" and a.server_lr == 1.0, "algorithm.server_optimizer",
+             f"={a.server_optimizer!r} (server_lr={a.server_lr}): {why}, so the server must apply it as "
+             "is (sgd, server_lr=1)")
+    for level in ("client_rule", "cloud_rule"):
+        _require(getattr(a, level) == "mean", f"algorithm.{level}",
+                 f"={getattr(a, level)!r}: {why}, which needs weighted means at every level")
+    for flag in ("scaffold", "fednova"):
+        _require(not getattr(a, flag), f"algorithm.{flag}", f"cannot be combined with {why.split(' makes')[0]}")
+    _require(not cfg.secure.dp.enabled, "secure.dp.enabled",
+             f"cannot be combined with {why.split(' makes')[0]}: the product terms are not clipped")
 
 
 def _validate_algorithm(cfg: TrainConfig) -> None:

@@ -76,7 +76,7 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
     if meta.get("frozen_digest") != tree_digest(fed.frozen):
         raise RunDirError(f"{directory}: step {int(state.round)} was trained on another frozen base "
                           "than the one rebuilt from config.yaml (model, seed or data changed?)")
-    trainable, frozen, initial = state.params, fed.frozen, fed.init_params
+    trainable, frozen, initial = state.params, fed.frozen_of(state), fed.init_params  # FedEx: base moved
     if cfg.model.lora.aggregation == "ffa":  # A trained nowhere but lives with the adapters on export
         from fedjax_llm.models.build import split_leaves
         from fedjax_llm.models.params import combine

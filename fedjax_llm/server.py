@@ -23,8 +23,9 @@ from flax import struct
 from jax.sharding import Mesh
 
 from fedjax_llm import participation
-from fedjax_llm.algorithms import Algorithm, build_algorithm, server_update
-from fedjax_llm.client import client_optimizer, init_client_state, make_local_update, make_task_loss
+from fedjax_llm.algorithms import Algorithm, LoRAScheme, build_algorithm, server_update
+from fedjax_llm.aggregate.lora_round import client_ranks, effective_frozen
+from fedjax_llm.client import client_optimizer, init_population_state, make_local_update, make_task_loss
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.message import MessageError
@@ -64,6 +65,15 @@ class ServerState:
     data_seed: np.ndarray     # uint32 scalar, fixes each client's per-epoch shuffles
 
 
+def lora_scheme(cfg: TrainConfig, population: int) -> Optional[LoRAScheme]:
+    """The run's LoRA aggregation scheme and per-client ranks (None without LoRA)."""
+    lo = cfg.model.lora
+    if not lo.enabled:
+        return None
+    return LoRAScheme(lo.aggregation, lo.alpha / lo.rank, client_ranks(list(lo.client_ranks), lo.rank, population),
+                      lo.rank)
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     devices = jax.devices()
     n = num_devices or len(devices)
@@ -87,7 +97,7 @@ class Federation:
         secure = cfg.secure
         self.algo = algorithm or build_algorithm(
             cfg.algorithm, cfg.attack, data.num_clients, dp=secure.dp, expected_clients=self.expected_clients,
-            dp_key=k_dp, dp_noise_at_clouds=secure.secagg.enabled)
+            dp_key=k_dp, dp_noise_at_clouds=secure.secagg.enabled, lora=lora_scheme(cfg, data.num_clients))
         self.secure_sum = None  # secure aggregation across clouds
         g = secure.secagg
         self.client_weights = data.num_train_examples() if cfg.client.weighting == "examples" else np.ones(data.num_clients)
@@ -123,9 +133,8 @@ class Federation:
     # ----- state -----------------------------------------------------------------------------
     def init_state(self) -> ServerState:
         params = self.init_params
-        one = init_client_state(self.algo.pieces, params)
         P = self.data.num_clients
-        client_states = jax.tree.map(lambda x: jnp.zeros((P,) + x.shape, x.dtype), one)
+        client_states = init_population_state(self.algo.pieces, params, P)
         return ServerState(round=jnp.int32(0), params=params, opt_state=self.algo.server_opt.init(params),
                            agg_state=self.algo.aggregator.init(params), client_states=client_states,
                            key=jax.random.key_data(self.k_run),
@@ -358,6 +367,10 @@ class Federation:
             attacked_clients=names(self.byzantine[cohort.ids]),
             nonfinite_dropped=len(bad), nonfinite_clients=bad, clouds=per_cloud)
 
+    def frozen_of(self, state: ServerState) -> Any:
+        """The frozen base the global model of `state` runs on (FedEx-LoRA moves it each round)."""
+        return effective_frozen(self.frozen, state.agg_state)
+
     def evaluate(self, state: ServerState) -> dict:
         """Eval loss and perplexity of the global model, global and per cloud."""
-        return self.evaluator(state.params, self.frozen, self.cloud_names)
+        return self.evaluator(state.params, self.frozen_of(state), self.cloud_names)
