@@ -82,11 +82,11 @@ def curve(fed, state, rounds: int, every: int) -> tuple[list[float], list[float]
     return acc, f1, train_s
 
 
-def run_arm(arm: str, seed: int, rounds: int, every: int, extra: list[str]) -> dict:
+def run_arm(arm: str, seed: int, rounds: int, every: int, extra: list[str], arms: dict = ARMS) -> dict:
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.server import Federation
 
-    cfg = validate(compose([*ARMS[arm], f"seed={seed}", f"run.rounds={rounds}", *extra]))
+    cfg = validate(compose([*arms[arm], f"seed={seed}", f"run.rounds={rounds}", *extra]))
     data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
     steps = cfg.client.local_steps
     if arm == "pretrained-central":
@@ -117,7 +117,7 @@ def rounds_to(acc: list[float], scored: list[int], target: float):
 
 
 def ordered(results: dict) -> list:
-    return [(arm, results[arm]) for arm in ARMS if arm in results]
+    return list(results.items())
 
 
 def fmt(values) -> str:
@@ -142,7 +142,7 @@ def write_table(results: dict, scored: list[int], target: float, path: str, comm
     return text
 
 
-def write_plot(results: dict, scored: list[int], path: str) -> None:
+def write_plot(results: dict, scored: list[int], path: str, title: str = "Topic classification") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,8 +155,7 @@ def write_plot(results: dict, scored: list[int], path: str) -> None:
         ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
     ax.set_xlabel("round")
     ax.set_ylabel("eval accuracy")
-    ax.set_title(f"Topic classification, chatterbot (16 classes), {len(next(iter(results.values())))} seeds",
-                 fontsize=10)
+    ax.set_title(f"{title}, chatterbot (16 classes), {len(next(iter(results.values())))} seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -164,14 +163,15 @@ def write_plot(results: dict, scored: list[int], path: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "results", "pretrained_vs_scratch"),
+         doc: str = __doc__, title: str = "Topic classification") -> None:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--eval-every", type=int, default=3, help="score every N rounds (and the last)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=list(arms), choices=list(arms))
     ap.add_argument("--target", type=float, default=0.5, help="accuracy for the rounds-to-target column")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pretrained_vs_scratch"))
+    ap.add_argument("--out", default=out)
     ap.add_argument("--smoke", action="store_true", help="1 seed, 2 rounds, tiny batches (CI)")
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every arm")
     ap.add_argument("--update", action="store_true",
@@ -188,7 +188,7 @@ def main() -> None:
         jax.config.update("jax_compilation_cache_dir", args.cache)
     register_configs()
     os.makedirs(args.out, exist_ok=True)
-    command = "python experiments/study_pretrained.py " + " ".join(sys.argv[1:])
+    command = f"python experiments/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:])
     results: dict[str, list] = {}
     scored = eval_rounds(args.rounds, args.eval_every)
     previous = os.path.join(args.out, "results.json")
@@ -197,10 +197,12 @@ def main() -> None:
         if old["scored_rounds"] != scored:
             raise SystemExit(f"--update: {previous} scored rounds {old['scored_rounds']}, this run {scored}")
         results = {arm: runs for arm, runs in old["results"].items() if arm not in args.arms}
+        order = list(arms)
+        results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         command = old["command"] + " ; " + command
     for arm in args.arms:
         for seed in args.seeds:
-            r = run_arm(arm, seed, args.rounds, args.eval_every, extra)
+            r = run_arm(arm, seed, args.rounds, args.eval_every, extra, arms)
             results.setdefault(arm, []).append(dict(seed=seed, **r))
             print(f"{arm} seed {seed}: accuracy {r['acc'][0]:.3f} -> {r['acc'][-1]:.3f}, macro-F1 "
                   f"{r['f1'][-1]:.3f}, {r['seconds']:.0f} s", flush=True)
@@ -208,7 +210,7 @@ def main() -> None:
                 json.dump(dict(command=command, rounds=args.rounds, scored_rounds=scored, results=results), f,
                           indent=1)
     print(write_table(results, scored, args.target, os.path.join(args.out, "table.md"), command))
-    write_plot(results, scored, os.path.join(args.out, "accuracy.png"))
+    write_plot(results, scored, os.path.join(args.out, "accuracy.png"), title)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ RUNS = {  # GQA in both; tied embeddings in the full run; LoRA on attention and 
     "lora": ["model.n_kv_heads=2", "model.lora.enabled=true", "client.lr=0.05", "checkpoint.every=1",
              "model.lora.targets=[q_proj,v_proj,o_proj,down_proj]"],
 }
+# FedEx-LoRA with mixed ranks moves the frozen base every round; only test_fedex_* uses it
+FEDEX = ["model.n_kv_heads=2", "model.lora.enabled=true", "client.lr=0.05", "checkpoint.every=1",
+         "model.lora.aggregation=fedex", "model.lora.client_ranks=[2,8]"]
 
 
 _EXPORTS: dict = {}
@@ -43,7 +46,7 @@ def _export(kind, tmp_path_factory, tokenizer_cache):
     if kind not in _EXPORTS:
         root = tmp_path_factory.mktemp(kind)
         cfg = compose_config(["debug=smoke", "checkpoint.enabled=true", "run.rounds=2",
-                              f"data.tokenizer_cache={tokenizer_cache}", *RUNS[kind]])
+                              f"data.tokenizer_cache={tokenizer_cache}", *(RUNS.get(kind) or FEDEX)])
         train(cfg, str(root / "run"))
         run = load_run(str(root / "run"))
         export.export_loaded(run, root / "hf")
@@ -95,6 +98,28 @@ def test_peft_adapter_on_the_exported_base(lora_exported):
     assert np.abs(base_logits - ours).max() > 10 * TOL  # the adapters matter
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_fedex_run_exports_its_moved_base(tmp_path_factory, tokenizer_cache):
+    """FedEx-LoRA folds residuals into the base: the export's merged model, and PEFT's adapter on the
+    exported base, both match our model on the moved base, which differs from the initial one."""
+    run, out = _export("fedex", tmp_path_factory, tokenizer_cache)
+    from fedjax_llm.data.federated import build_federated_data
+    from fedjax_llm.server import Federation
+    initial_base = Federation(run.cfg, build_federated_data(run.cfg.data, run.cfg.partition, run.cfg.clouds,
+                                                            run.cfg.seed)).frozen
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(run.frozen), jax.tree.leaves(initial_base))]
+    assert max(moved) > 0
+    tokens = _tokens(run)
+    ours = np.asarray(model_fns(run.spec).apply(run.trainable, run.frozen, tokens))
+    merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert np.abs(_torch_logits(merged, tokens) - ours).max() < TOL
+    base = tf.AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    assert np.abs(_torch_logits(model, tokens) - ours).max() < TOL
+    stale = np.asarray(model_fns(run.spec).apply(run.trainable, initial_base, tokens))
+    assert np.abs(stale - ours).max() > 10 * TOL  # the residuals matter
 
 
 def test_auto_tokenizer_encodes_like_ours(exported):
