@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
     width = run.cfg.data.seq_len
     after = answers(run.spec, run.trainable, run.frozen, run.tokenizer, args.prompt, width, sampling)
-    before = (answers(run.spec, run.initial, run.frozen, run.tokenizer, args.prompt, width, sampling)
+    before = (answers(run.spec, run.initial, run.initial_base, run.tokenizer, args.prompt, width, sampling)
               if args.before else None)
     mode = "greedy" if args.greedy else f"top_p={args.top_p} temperature={args.temperature} seed={args.seed}"
     print(f"# {args.run_dir}: round {run.round} of {run.cfg.run.rounds}, {mode}")
@@ -264,14 +264,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def classify(run: Any, trainable: Params, texts: Sequence[str], top: int = 3) -> list[list[tuple[str, float]]]:
-    """The `top` most probable labels (name, probability) of each text under a classification run."""
+def classify(run: Any, trainable: Params, texts: Sequence[str], top: int = 3,
+             frozen: Optional[Params] = None) -> list[list[tuple[str, float]]]:
+    """The `top` most probable labels (name, probability) of each text under a classification run
+    (on the run's frozen base unless `frozen` is given)."""
     from fedjax_llm.data.corpus import Example
     from fedjax_llm.data.encode import encode_classify
     from fedjax_llm.models.params import model_fns
 
     enc = encode_classify(run.tokenizer, [Example(t, "", {}) for t in texts], run.cfg.data.seq_len)
-    logits = model_fns(run.spec).apply(trainable, run.frozen, jnp.asarray(enc.tokens), None,
+    base = run.frozen if frozen is None else frozen
+    logits = model_fns(run.spec).apply(trainable, base, jnp.asarray(enc.tokens), None,
                                        attention_mask=jnp.asarray(enc.loss_mask))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     return [[(run.label_names[j], float(p[j])) for j in np.argsort(-p)[:top]] for p in probs]
@@ -279,7 +282,7 @@ def classify(run: Any, trainable: Params, texts: Sequence[str], top: int = 3) ->
 
 def _print_labels(run: Any, prompts: Sequence[str], before: bool) -> int:
     after = classify(run, run.trainable, prompts)
-    first = classify(run, run.initial, prompts) if before else None
+    first = classify(run, run.initial, prompts, frozen=run.initial_base) if before else None
     show = lambda ranked: ", ".join(f"{name} {p:.2f}" for name, p in ranked)  # noqa: E731
     print(f"# {run.run_dir}: round {run.round} of {run.cfg.run.rounds}, {run.cfg.data.label_field} classifier")
     for i, prompt in enumerate(prompts):

@@ -30,6 +30,12 @@ class LoadedRun:
     initial: Params          # trainable params of the round-0 model
     round: int               # rounds completed by the checkpointed model
     label_names: list = dataclasses.field(default_factory=list)  # classification: label id -> name
+    initial_frozen: Optional[Params] = None  # the round-0 base when training moved it (FedEx-LoRA)
+
+    @property
+    def initial_base(self) -> Params:
+        """The frozen base of the round-0 model (pairs with `initial`)."""
+        return self.frozen if self.initial_frozen is None else self.initial_frozen
 
 
 def read_config(run_dir: str) -> TrainConfig:
@@ -77,6 +83,7 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
         raise RunDirError(f"{directory}: step {int(state.round)} was trained on another frozen base "
                           "than the one rebuilt from config.yaml (model, seed or data changed?)")
     trainable, frozen, initial = state.params, fed.frozen_of(state), fed.init_params  # FedEx: base moved
+    initial_frozen = fed.frozen if frozen is not fed.frozen else None
     if cfg.model.lora.aggregation == "ffa":  # A trained nowhere but lives with the adapters on export
         from fedjax_llm.models.build import split_leaves
         from fedjax_llm.models.params import combine
@@ -84,4 +91,4 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
         trainable, initial = combine(trainable, a), combine(initial, a)
     return LoadedRun(run_dir=run_dir, cfg=cfg, spec=fed.spec, tokenizer=data.tokenizer,
                      trainable=trainable, frozen=frozen, initial=initial, round=int(state.round),
-                     label_names=list(data.label_names))
+                     label_names=list(data.label_names), initial_frozen=initial_frozen)

@@ -111,6 +111,8 @@ def test_fedex_run_exports_its_moved_base(tmp_path_factory, tokenizer_cache):
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(run.frozen), jax.tree.leaves(initial_base))]
     assert max(moved) > 0
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))  # generate --before pairs round 0 with this
+               for a, b in zip(jax.tree.leaves(run.initial_base), jax.tree.leaves(initial_base)))
     tokens = _tokens(run)
     ours = np.asarray(model_fns(run.spec).apply(run.trainable, run.frozen, tokens))
     merged = tf.AutoModelForCausalLM.from_pretrained(out).eval()
