@@ -3,17 +3,20 @@
 Pure pieces around lora_agg.py's math, shaped like every other algorithm part:
 - `lora_piece` is the client side. Client k trains only its first r_k rank components (the others
   start at zero and their gradients are masked), and under fedex/flex it reports its adapter product
-  as one more delta leaf, `lora_ab` = scale A_k B_k - scale A_g B_g, next to `lora_a`/`lora_b`.
-  Every reducer level then averages products with the same weights as the factors, so the aggregator
-  sees the exact mean of the clients' products: mean_k scale A_k B_k = scale A_g B_g + mean_k lora_ab.
+  as one more delta leaf, `lora_ab`, next to `lora_a`/`lora_b`: flex sends scale A_k B_k - scale A_g B_g;
+  a fedex client, whose base also holds the components past r_k (so it starts from exactly the global
+  model), sends the change of its model, scale A_k B_k - scale A_g,r_k B_g,r_k.
+  Every reducer level then averages these with the same weights as the factors, so the aggregator
+  sees the exact mean: of the clients' products (flex) or of their models (fedex).
 - `lora_aggregator` wraps the usual aggregator. It strips `lora_ab` and hands the rest on. Under
   `fedex` it then adds the residual: the exact product mean minus the product of the averaged factors.
   The residual is summed across rounds into the frozen base, which every client receives with the
   broadcast. Under `flex` it replaces the adapters by the best rank-r_max factorisation (SVD) of the
   product mean. A client of rank r_k then starts from the top r_k components.
-Truncating a client to r_k and averaging its delta against the global adapters weighs its missing
-components as zeros, which is the product average of the clients' truncated models (so FFA with mixed
-ranks stays exact).
+Under ffa and flex a client truncated to r_k counts its missing components as zeros: the result is the
+product average of the clients' truncated models (so FFA with mixed ranks stays exact). Under fedex the
+missing components join that client's frozen base instead, so every client starts from the global
+model and the new global model is exactly the average of the clients' models.
 """
 from __future__ import annotations
 
@@ -114,14 +117,24 @@ def residual_template(params: Params) -> Params:
                   for path, m in _modules(params)])
 
 
+def _tails(params: Params, rank: jax.Array, scale: float) -> Params:
+    """{module: {"kernel": scale A B - scale A_r B_r}}: what a rank-r view of params leaves out."""
+    cut = mask_rank(params, rank)
+    return _nest([(path + ("kernel",), _product(m, scale) - _product(_get(cut, path), scale))
+                  for path, m in _modules(params)])
+
+
 def lora_piece(scheme: str, scale: float, ranks: np.ndarray, r_max: int) -> ClientPiece:
     """The client side of `scheme` for a population whose client i trains rank ranks[i] <= r_max."""
     ranks = np.asarray(ranks, np.int32)
     holder_mean = scheme in HOLDER_MEAN_SCHEMES
+    mixed = bool(ranks.min() < r_max)
 
     def start(params, frozen, rank, broadcast):
         if scheme == "fedex":
             frozen = fold_residual(frozen, broadcast["residual"])
+            if mixed:  # the components past r_k join this client's base: it starts from the global model
+                frozen = fold_residual(frozen, _tails(params, rank, scale))
         return mask_rank(params, rank), frozen
 
     def finish(delta, steps, lr, rank, broadcast):
@@ -130,7 +143,11 @@ def lora_piece(scheme: str, scale: float, ranks: np.ndarray, r_max: int) -> Clie
         return (mask_rank(delta, rank) if holder_mean else delta), {}, rank
 
     def extra_delta(final, global_params, rank):
-        extra = product_deltas(final, global_params, scale) if scheme in PRODUCT_SCHEMES else {}
+        extra = {}
+        if scheme == "fedex":  # the change of the client's model: against the rank-r_k start
+            extra = product_deltas(final, mask_rank(global_params, rank), scale)
+        elif scheme == "flex":  # the client's product, relative to the global one (FlexLoRA averages products)
+            extra = product_deltas(final, global_params, scale)
         if holder_mean:
             extra[COVERAGE] = (jnp.arange(r_max) < rank).astype(jnp.float32)
         return extra
