@@ -197,8 +197,6 @@ def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "
         if old["scored_rounds"] != scored:
             raise SystemExit(f"--update: {previous} scored rounds {old['scored_rounds']}, this run {scored}")
         results = {arm: runs for arm, runs in old["results"].items() if arm not in args.arms}
-        order = list(arms)
-        results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         command = old["command"] + " ; " + command
     for arm in args.arms:
         for seed in args.seeds:
@@ -209,6 +207,7 @@ def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump(dict(command=command, rounds=args.rounds, scored_rounds=scored, results=results), f,
                           indent=1)
+    results = {arm: results[arm] for arm in sorted(results, key=lambda a: list(arms).index(a) if a in arms else len(arms))}
     print(write_table(results, scored, args.target, os.path.join(args.out, "table.md"), command))
     write_plot(results, scored, os.path.join(args.out, "accuracy.png"), title)
 
