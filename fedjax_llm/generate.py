@@ -251,9 +251,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _print_labels(run, args.prompt, args.before)
     sampling = Sampling(args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
     width = run.cfg.data.seq_len
-    after = answers(run.spec, run.trainable, run.frozen, run.tokenizer, args.prompt, width, sampling)
-    before = (answers(run.spec, run.initial, run.initial_base, run.tokenizer, args.prompt, width, sampling)
-              if args.before else None)
+    try:
+        after = answers(run.spec, run.trainable, run.frozen, run.tokenizer, args.prompt, width, sampling)
+        before = (answers(run.spec, run.initial, run.initial_base, run.tokenizer, args.prompt, width, sampling)
+                  if args.before else None)
+    except ValueError as e:  # a request the model cannot serve (length limit, empty prompt): no traceback
+        raise SystemExit(f"generate: {args.run_dir}: {e}") from None
     mode = "greedy" if args.greedy else f"top_p={args.top_p} temperature={args.temperature} seed={args.seed}"
     print(f"# {args.run_dir}: round {run.round} of {run.cfg.run.rounds}, {mode}")
     for i, prompt in enumerate(args.prompt):

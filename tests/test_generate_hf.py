@@ -249,6 +249,9 @@ def test_cli_on_a_lora_run_matches_transformers_before_training(case, tmp_path, 
     after = [line[len("round 1:    "):] for line in out.splitlines() if line.startswith("round 1:")]
     before = [line[len("round 0:    "):] for line in out.splitlines() if line.startswith("round 0:")]
     assert after != before  # one round of LoRA at lr 0.5 moved the greedy answers
+    if case == "gpt2":  # learned positions bound the length: a clean message, no traceback
+        with pytest.raises(SystemExit, match="exceeds the model's n_positions"):
+            gen.main([run_dir, "--prompt", prompts[0], "--greedy", "--max-new-tokens", "100000"])
 
 
 def test_cli_names_an_encoder_architecture(tmp_path):
