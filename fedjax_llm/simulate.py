@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from fedjax_llm import aggregator as agg_half
 from fedjax_llm import participation
 from fedjax_llm.aggregate.lora_round import client_ranks, effective_frozen
-from fedjax_llm.aggregator import AggregatorSpec, AggregatorState, NonFiniteError, QuorumError, SecureSumSpec  # noqa: F401
+from fedjax_llm.aggregator import AggregatorSpec, AggregatorState, SecureSumSpec
 from fedjax_llm.algorithms import Algorithm, LoRAScheme, build_algorithm, server_update
 from fedjax_llm.client import client_optimizer, init_population_state, make_local_update, make_task_loss
 from fedjax_llm.cloud import Cloud, CloudState, Engine, cloud_step, init_cloud_state, update_template
@@ -190,9 +190,10 @@ class Federation:
                 secagg_parties=secagg_params.threshold if secagg_params else 1))
         self.layout = max((cl.engine.layout for cl in self.clouds), key=lambda lay: lay.padded)
         secure = None
-        if across:
-            template = update_template(self.clouds[0], self._init_cloud(self.clouds[0]),
-                                       agg_half.open_round(self._spec(None), self._init_aggregator(self._spec(None))))
+        if across:  # the aggregator's template of a cloud's aggregate, to unflatten the secure sum
+            plain = self._spec(None)
+            first = agg_half.open_round(plain, self._init_aggregator(plain))
+            template = update_template(self.clouds[0], self._init_cloud(self.clouds[0]), first)
             secure = SecureSumSpec(params=secagg_params, scale=scale, template=template)
         self.aggregator = self._spec(secure)
 

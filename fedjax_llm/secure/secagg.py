@@ -34,9 +34,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedjax_llm.secure.ring import (FIELD_BYTES, PRIME, SecAggError, SecAggParams, decode, encode,  # noqa: F401
+from fedjax_llm.secure.ring import (FIELD_BYTES, PRIME, SecAggError, SecAggParams, decode, encode,
                                     encode_masked, lagrange_at_zero, prg, prg_scratch, shamir_combine,
                                     shamir_split)
+
+__all__ = [  # the protocol, and the ring's names its callers use
+    "Party", "Roster", "SecAggSession", "make_roster", "route", "unmask_sum", "setup", "mask", "unmask",
+    "SecAggError", "SecAggParams", "FIELD_BYTES", "PRIME", "encode", "decode", "prg", "prg_scratch",
+    "shamir_split", "shamir_combine", "lagrange_at_zero", "X25519PrivateKey"]
 
 _RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
 KEY_BYTES = 32
