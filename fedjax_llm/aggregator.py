@@ -25,6 +25,7 @@ import numpy as np
 from flax import struct
 
 from fedjax_llm.algorithms import Algorithm
+from fedjax_llm.errors import RunStopped
 from fedjax_llm.evaluate import perplexity
 from fedjax_llm.messages import CloudUpdate, GlobalMsg, MaskedUpdate, ProtocolError, check_round, error_text
 from fedjax_llm.secure.round import split_sum
@@ -35,11 +36,11 @@ log = logging.getLogger(__name__)
 Update = CloudUpdate | MaskedUpdate
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """A NaN/Inf update or model under run.on_nonfinite=stop; the global model was not changed."""
 
 
-class QuorumError(RuntimeError):
+class QuorumError(RunStopped):
     """Fewer clouds' updates were accepted than secure.quorum; the global model was not changed."""
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BASE = ["debug=tiny", "data.seq_len=16", "data.max_eval_examples=8", "client.local_steps=2"]
-LORA = ["model=nano_lora", "client.lr=3e-2"]
+LORA = ["model=nano_lora", "client.lr=3e-2", "model.lora.targets=[q_proj,k_proj,v_proj,o_proj]"]  # as before debug=tiny set q, v
 CONFIGS = {
     "fedavg": [],
     "fedadam": ["algorithm=fedadam"],
@@ -64,7 +64,7 @@ def leaf_stats(tree) -> dict:
 
 def run(name: str, cache: str) -> dict:
     from fedjax_llm.checkpoint import tree_digest
-    from fedjax_llm.config import validate
+    from fedjax_llm.validation import validate
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.server import Federation
     from tests.conftest import compose_config

@@ -22,7 +22,7 @@ from fedjax_llm.aggregator import aggregator_step, open_round
 from fedjax_llm.checkpoint import Checkpointer, tree_digest
 from fedjax_llm.cloud import cloud_step
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
-from fedjax_llm.config import validate
+from fedjax_llm.validation import validate
 from fedjax_llm.data.federated import build_federated_data
 from fedjax_llm.messages import ProtocolError
 from fedjax_llm.secure import dp as dplib
