@@ -193,9 +193,12 @@ class Federation:
         if across:  # the aggregator's template of a cloud's aggregate, to unflatten the secure sum
             plain = self._spec(None)
             first = agg_half.open_round(plain, self._init_aggregator(plain))
-            template = update_template(self.clouds[0], self._init_cloud(self.clouds[0]), first)
+            first_cloud = self.clouds[0]
+            template = update_template(first_cloud, self._init_clouds([first_cloud])[first_cloud.name], first)
             secure = SecureSumSpec(params=secagg_params, scale=scale, template=template)
         self.aggregator = self._spec(secure)
+        self._initial = FederationState(aggregator=self._init_aggregator(self.aggregator),
+                                        clouds=self._init_clouds(self.clouds), names=tuple(self.cloud_names))
 
     def _spec(self, secure: Optional[SecureSumSpec]) -> AggregatorSpec:
         offsets = tuple(int(cl.members[0]) if len(cl.members) else 0 for cl in self.clouds)
@@ -204,19 +207,21 @@ class Federation:
                               quorum=self.cfg.secure.quorum, on_nonfinite=self.cfg.run.on_nonfinite, secure=secure)
 
     # ----- state ---------------------------------------------------------------------------------------
-    def _init_cloud(self, cloud: Cloud) -> CloudState:
+    def _init_clouds(self, clouds: list[Cloud]) -> dict[str, CloudState]:
+        """Each cloud's state before round 1: its key folded from the seed with its index (no other
+        party holds it), its clients' initial algorithm state, the data order seed."""
         population = init_population_state(self.algo.pieces, self.init_params, self._data.num_clients)
-        key = jax.random.fold_in(jax.random.fold_in(self.root, _CLOUD_KEYS), cloud.index)
         data_seed = np.asarray(jax.random.bits(self.k_data, dtype=jnp.uint32))
-        return init_cloud_state(cloud, key, data_seed, jax.tree.map(lambda s: s[cloud.members], population))
+        k_clouds = jax.random.fold_in(self.root, _CLOUD_KEYS)
+        return {cl.name: init_cloud_state(cl, jax.random.fold_in(k_clouds, cl.index), data_seed,
+                                          jax.tree.map(lambda s: s[cl.members], population)) for cl in clouds}
 
     def _init_aggregator(self, spec: AggregatorSpec) -> AggregatorState:
         return agg_half.init_aggregator_state(spec, self.init_params)
 
     def init_state(self) -> FederationState:
-        return FederationState(aggregator=self._init_aggregator(self.aggregator),
-                               clouds={cl.name: self._init_cloud(cl) for cl in self.clouds},
-                               names=tuple(self.cloud_names))
+        """Every party's state before round 1 (built with the parties, so starting a run compiles nothing)."""
+        return self._initial.replace(clouds=dict(self._initial.clouds))
 
     # ----- one round -----------------------------------------------------------------------------------
     def run_round(self, state: FederationState) -> tuple[FederationState, dict]:
