@@ -41,6 +41,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.metrics import MetricsLog, write_json
     from fedjax_llm.models.params import count_params
+    from fedjax_llm.report.tensorboard import TensorBoardWriter
     from fedjax_llm.secure.privacy import Privacy
     from fedjax_llm.secure.round import make_channel
     from fedjax_llm.server import Federation, NonFiniteError
@@ -83,6 +84,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
         metrics.append(dict(round=0, **fed.evaluate(state)))
 
     start = int(state.round)
+    tb = TensorBoardWriter.open(run_dir, cfg, start, metrics.records())  # resumed: later events purged
     stopped_early = None
     history = [r for r in metrics.records() if r.get("eval_loss") is not None]
     bar = _progress(cfg, start)
@@ -105,6 +107,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
                 record.update(ev)
                 history.append(record)
             metrics.append(record)
+            tb.log_round(record)
             if ckpt and (ckpt.should_save(rnd) or (privacy is not None and privacy.would_exceed())):
                 extra = dict(accountant=privacy.state) if privacy is not None else {}
                 ckpt.save(rnd, state, dict(frozen_digest=frozen_digest, name=cfg.name, **extra))
@@ -116,6 +119,7 @@ def run(cfg: TrainConfig, run_dir: str) -> dict:
         log.error("stopped at round %d; the last checkpoint holds the last finite model", int(state.round) + 1)
         raise
     finally:
+        tb.close()
         if bar is not None:
             bar.close()
 
