@@ -54,7 +54,8 @@ def _y_axis(ax, m: Metric) -> None:
 def metric_figure(path: str, groups: Sequence[Group], m: Metric, xs: Sequence[str] = ("round", "bytes", "comm_s"),
                   title: Optional[str] = None) -> str:
     """m against each of xs, one panel each, one line per setting; writes a PNG to path."""
-    fig = Figure(figsize=(4.6 * len(xs) + 2.4, 4.0), layout="constrained")
+    width = 4.6 * len(xs) + 2.4
+    fig = Figure(figsize=(width, 4.0), layout="constrained")
     axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
     for ax, x in zip(axes, xs):
         for i, g in enumerate(groups):
@@ -68,7 +69,7 @@ def metric_figure(path: str, groups: Sequence[Group], m: Metric, xs: Sequence[st
         if ax is not axes[0]:
             ax.set_ylabel("")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle(title or f"{m.label}: mean ± std over seeds", fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title or f"{m.label}: mean ± std over seeds", int(width * 12))), fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
 
