@@ -53,7 +53,7 @@ def resolve_targets(groups, metrics, given: Optional[dict] = None) -> tuple[dict
             targets[m.key], why = float(given.pop(m.key)), "--target"
         else:
             targets[m.key] = G.default_target(groups, m)
-            why = "fixed default" if m.target is not None else "default: the worst setting's mean final value"
+            why = f"default: within {G.TARGET_SHARE:.0%} of the best setting's mean final value"
         if targets[m.key] is not None:
             notes.append(f"{m.label} target {targets[m.key]:{m.fmt}} ({why})")
     for key in given:
@@ -159,8 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("dirs", nargs="+", help="run directories, Hydra multirun sweep directories, or folders of them")
     ap.add_argument("--out", help="output folder (default: DIR/report for one DIR, else ./report)")
     ap.add_argument("--target", type=_target, action="append", default=[], metavar="METRIC=VALUE",
-                    help="rounds-to-target level, e.g. eval_acc=0.6 (default: accuracy 0.5; other metrics: "
-                         "the worst setting's mean final value)")
+                    help="rounds-to-target level, e.g. eval_acc=0.6 (default: within 10%% of the best "
+                         "setting's mean final value: 0.9x for accuracy, 1.1x for perplexity or loss)")
     ap.add_argument("--group-by", nargs="+", metavar="KEY", help="group by these config keys only (dotted, e.g. "
                     "client.lr); default: every key that differs between runs, seed pooled")
     ap.add_argument("--include-incomplete", action="store_true",

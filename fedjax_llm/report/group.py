@@ -16,17 +16,19 @@ IGNORED = {"seed", "resume", "run.progress", "run.tensorboard", "run.devices", "
 IGNORED_PREFIXES = ("checkpoint.", "hydra.")
 
 
+TARGET_SHARE = 0.1  # default rounds-to-target level: within 10 % of the best setting's mean final value
+
+
 @dataclasses.dataclass(frozen=True)
 class Metric:
     key: str
     label: str                       # axis and column wording
     higher_better: bool
     fmt: str = ".3f"
-    target: Optional[float] = None   # default rounds-to-target level; None: the worst setting's final mean
 
 
 METRICS = {m.key: m for m in [
-    Metric("eval_acc", "accuracy", True, ".3f", 0.5),
+    Metric("eval_acc", "accuracy", True, ".3f"),
     Metric("eval_f1", "macro-F1", True, ".3f"),
     Metric("eval_ppl", "perplexity", False, ".1f"),
     Metric("eval_loss", "eval loss", False, ".3f"),
@@ -76,9 +78,7 @@ def labels(runs: Sequence[Run], by: Optional[Sequence[str]] = None) -> tuple[dic
         parts = [f"{k}={_short(cfg.get(k))}" for k in keys]
         config_label[key] = " ".join(parts[:4]) + (f" (+{len(parts) - 4} keys)" if len(parts) > 4 else "")
     if not by and keyed and all(r.overrides for r in keyed):
-        common = set.intersection(*(set(r.overrides) for r in keyed))
-        ov = {i: " ".join(o for o in runs[i].overrides if o not in common
-                          and not _ignored(_override_key(o))) for i in setting}
+        ov = override_labels(runs, setting)
         by_key: dict[tuple, set] = {}
         for i, key in setting.items():
             by_key.setdefault(key, set()).add(ov[i])
@@ -89,6 +89,25 @@ def labels(runs: Sequence[Run], by: Optional[Sequence[str]] = None) -> tuple[dic
         names = sorted({str(r.config.get("name", "")) for r in keyed})
         return setting, {k: " ".join(names) or "all runs" for k in config_label}
     return setting, config_label
+
+
+def override_labels(runs: Sequence[Run], setting: dict[int, tuple]) -> dict[int, str]:
+    """Each run's Hydra overrides that make a difference: a config key whose value differs between
+    runs (shown as overridden, or as its config value where a run did not override it), or a config
+    group choice (model=bow) that differs; the seed and bookkeeping keys left out."""
+    parsed = {i: {_override_key(o): o.split("=", 1)[1].replace("\\", "") if "=" in o else ""
+                  for o in runs[i].overrides} for i in setting}
+    keys: dict[str, None] = {}
+    for ov in parsed.values():
+        keys.update(dict.fromkeys(k for k in ov if not _ignored(k)))
+    shown = []
+    for k in keys:
+        in_config = all(k in runs[i].config for i in setting)
+        values = {repr(runs[i].config.get(k)) if in_config else parsed[i].get(k) for i in setting}
+        if len(values) > 1:
+            shown.append((k, in_config))
+    return {i: " ".join(f"{k}={parsed[i][k] if k in parsed[i] else _short(runs[i].config.get(k))}"
+                        for k, _ in shown) for i in setting}
 
 
 def group_runs(runs: Sequence[Run], include: Callable[[Run], bool] = lambda r: r.usable,
@@ -199,15 +218,13 @@ def clouds(groups: Sequence[Group]) -> list[str]:
 
 
 def default_target(groups: Sequence[Group], metric: Metric) -> Optional[float]:
-    """The metric's fixed target, else the worst setting's mean final value (a level every setting
-    reaches on average)."""
-    if metric.target is not None:
-        return metric.target
+    """Within TARGET_SHARE of the best setting's mean final value (0.9x for accuracy, 1.1x for
+    perplexity): how fast each setting gets close to the best result of the comparison."""
     means = [mean_std([final(r, metric.key) for r in g.runs])[0] for g in groups]
     means = [m for m in means if math.isfinite(m)]
     if not means:
         return None
-    return min(means) if metric.higher_better else max(means)
+    return max(means) * (1 - TARGET_SHARE) if metric.higher_better else min(means) * (1 + TARGET_SHARE)
 
 
 def uses_dp(groups: Sequence[Group]) -> bool:

@@ -32,9 +32,24 @@ def _color(i: int):
     return colormaps["tab10" if i < 10 else "tab20"](i % 20)
 
 
-def _legend_name(g: Group, width: int = 48) -> str:
-    name = g.label if len(g.label) <= width else g.label[: width - 1] + "…"
-    return f"{name} (n={len(g.runs)})"
+def _legend_name(g: Group, width: int = 90, lines: int = 2) -> str:
+    """The setting's label wrapped to at most `lines` lines, with its number of seeds."""
+    wrapped = textwrap.wrap(f"{g.label} (n={len(g.runs)})", width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1] + "…"
+    return "\n".join(wrapped)
+
+
+def _legend_below(fig: Figure, ax, height: float, ncol: int) -> None:
+    """The legend under the panels; the figure grows by its height so the panels keep theirs."""
+    handles, names = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ncol = max(1, min(ncol, len(handles)))
+    lines = sum(max(n.count("\n") + 1 for n in names[i:i + ncol]) for i in range(0, len(names), ncol))
+    fig.set_figheight(height + 0.18 * lines + 0.2)
+    fig.legend(handles, names, loc="outside lower center", ncol=ncol, fontsize=7, frameon=False)
 
 
 def _band(ax, x, c: dict, color, label: Optional[str], marker: str = "o", linestyle: str = "-") -> None:
@@ -54,21 +69,22 @@ def _y_axis(ax, m: Metric) -> None:
 def metric_figure(path: str, groups: Sequence[Group], m: Metric, xs: Sequence[str] = ("round", "bytes", "comm_s"),
                   title: Optional[str] = None) -> str:
     """m against each of xs, one panel each, one line per setting; writes a PNG to path."""
-    width = 4.6 * len(xs) + 2.4
+    width = max(7.0, 4.6 * len(xs) + 1.0)
     fig = Figure(figsize=(width, 4.0), layout="constrained")
     axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
     for ax, x in zip(axes, xs):
         for i, g in enumerate(groups):
             c = G.curve(g, m.key, x)
             if len(c["x"]):
-                _band(ax, c["x"] / X_SCALE[x], c, _color(i), _legend_name(g) if ax is axes[-1] else None)
+                _band(ax, c["x"] / X_SCALE[x], c, _color(i), _legend_name(g, 110 if len(xs) > 1 else 90)
+                      if ax is axes[-1] else None)
         ax.set_xlabel(X_LABELS[x])
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _y_axis(ax, m)
         if ax is not axes[0]:
             ax.set_ylabel("")
-    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    _legend_below(fig, axes[-1], 4.0, 2 if len(xs) > 1 else 1)
     fig.suptitle("\n".join(textwrap.wrap(title or f"{m.label}: mean ± std over seeds", int(width * 12))), fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
@@ -106,7 +122,7 @@ def epsilon_figure(path: str, groups: Sequence[Group], m: Metric) -> Optional[st
     dp = [g for g in groups if any(G.series(r, "epsilon")[0] for r in g.runs)]
     if not dp:
         return None
-    fig = Figure(figsize=(8.2, 4.4), layout="constrained")
+    fig = Figure(figsize=(8.6, 4.4), layout="constrained")
     ax = fig.subplots()
     deltas = set()
     for i, g in enumerate(groups):
@@ -124,11 +140,12 @@ def epsilon_figure(path: str, groups: Sequence[Group], m: Metric) -> Optional[st
             level = G.mean_std([G.final(r, m.key) for r in g.runs])[0]
             if math.isfinite(level):
                 ax.axhline(level, color=color, linestyle="--", linewidth=1,
-                           label=f"{_legend_name(g)}, no DP (epsilon = ∞), final")
+                           label=_legend_name(Group(f"{g.label}: no DP (epsilon = ∞), final", g.runs)))
     delta = ", ".join(f"{d:g}" for d in sorted(d for d in deltas if d is not None))
-    ax.set_xlabel(f"epsilon spent (delta = {delta}; square: final, bars: ± std over seeds)")
+    ax.set_xlabel(f"epsilon spent so far (delta = {delta})")
     _y_axis(ax, m)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle(f"{m.label} against privacy spent, per evaluated round", fontsize=10)
+    _legend_below(fig, ax, 4.4, 1)
+    fig.suptitle(f"{m.label} against privacy spent, per evaluated round (mean ± std over seeds; square: "
+                 "final round, bars: ± std)", fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
