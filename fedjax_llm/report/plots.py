@@ -41,12 +41,14 @@ def _legend_name(g: Group, width: int = 90, lines: int = 2) -> str:
     return "\n".join(wrapped)
 
 
-def _legend_below(fig: Figure, ax, height: float, ncol: int) -> None:
-    """The legend under the panels; the figure grows by its height so the panels keep theirs."""
+def _legend_below(fig: Figure, ax, height: float) -> None:
+    """The legend under the panels, in as many columns as the labels fit (7 pt: ~16 characters an
+    inch); the figure grows by its height so the panels keep theirs."""
     handles, names = ax.get_legend_handles_labels()
     if not handles:
         return
-    ncol = max(1, min(ncol, len(handles)))
+    longest = max(len(line) for n in names for line in n.split("\n"))
+    ncol = max(1, min(len(handles), 4, int(fig.get_figwidth() * 16 // (longest + 6))))
     lines = sum(max(n.count("\n") + 1 for n in names[i:i + ncol]) for i in range(0, len(names), ncol))
     fig.set_figheight(height + 0.18 * lines + 0.2)
     fig.legend(handles, names, loc="outside lower center", ncol=ncol, fontsize=7, frameon=False)
@@ -84,7 +86,7 @@ def metric_figure(path: str, groups: Sequence[Group], m: Metric, xs: Sequence[st
         _y_axis(ax, m)
         if ax is not axes[0]:
             ax.set_ylabel("")
-    _legend_below(fig, axes[-1], 4.0, 2 if len(xs) > 1 else 1)
+    _legend_below(fig, axes[-1], 4.0)
     fig.suptitle("\n".join(textwrap.wrap(title or f"{m.label}: mean ± std over seeds", int(width * 12))), fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
@@ -144,7 +146,7 @@ def epsilon_figure(path: str, groups: Sequence[Group], m: Metric) -> Optional[st
     delta = ", ".join(f"{d:g}" for d in sorted(d for d in deltas if d is not None))
     ax.set_xlabel(f"epsilon spent so far (delta = {delta})")
     _y_axis(ax, m)
-    _legend_below(fig, ax, 4.4, 1)
+    _legend_below(fig, ax, 4.4)
     fig.suptitle(f"{m.label} against privacy spent, per evaluated round (mean ± std over seeds; square: "
                  "final round, bars: ± std)", fontsize=10)
     fig.savefig(path, dpi=DPI)
