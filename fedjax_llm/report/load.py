@@ -209,7 +209,8 @@ def load_run(run_dir: str, stale_after_s: float = 1800.0, now: Optional[float] =
     last = run.last_round
     if not run.records:
         run.status = FAILED if error else NO_METRICS
-        run.detail = error or ("metrics.jsonl empty" if os.path.isfile(metrics) else "no metrics.jsonl")
+        run.detail = error or note or ("metrics.jsonl empty" if os.path.isfile(metrics) else "no metrics.jsonl")
+        note = "" if run.detail == note else note
     elif run.summary is not None and (run.summary.get("stopped_early_after_round") is not None):
         run.status = STOPPED
         run.detail = (f"stopped after round {run.summary['stopped_early_after_round']} of {planned}: the next "

@@ -163,9 +163,10 @@ def summary_csv(path: str, groups: Sequence[Group], metrics: Sequence[Metric], t
         for key in ("bytes", "comm_s", "wall_s", "tokens", "epsilon"):
             mean, std, n = G.mean_std([r.totals.get(key) for r in g.runs])
             row.update({f"{key}_mean": mean, f"{key}_std": std})
-        for key in DP_FIELDS:
-            row[key] = same_text([r.totals.get(key) for r in g.runs]) if any(
-                r.totals.get(key) is not None for r in g.runs) else None
+        for key in DP_FIELDS:  # the shared value as a number; differing values as 'a / b' text
+            distinct = {repr(r.totals.get(key)) for r in g.runs}
+            row[key] = g.runs[0].totals.get(key) if len(distinct) == 1 else same_text(
+                [r.totals.get(key) for r in g.runs])
         out.append(row)
         fields += [k for k in row if k not in fields]
     _write_csv(path, fields, out)

@@ -129,13 +129,14 @@ def _is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
-    """tag -> {step: value} as TensorBoard shows it (purged steps dropped), via tensorboard's reader."""
+def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value), ...] as TensorBoard shows it (purged steps dropped, a step written twice
+    listed twice), via tensorboard's own reader (the `tensorboard` package, a test dependency)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def read_hparams(logdir: str) -> Optional[dict[str, Any]]:
