@@ -78,6 +78,7 @@ def _reference(sweep):
     return out
 
 
+@pytest.mark.slow
 def test_report_means_and_stds_match_numpy_on_the_metrics_files(sweep, report):
     out, res = report
     ref = _reference(sweep)
@@ -107,6 +108,7 @@ def test_report_means_and_stds_match_numpy_on_the_metrics_files(sweep, report):
     assert [r["status"] for r in per_run] == ["complete"] * 4 and [r["run"] for r in per_run] == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_and_every_embedded_image_is_a_png(report):
     from matplotlib import image as mpimg
     from PIL import Image
@@ -137,6 +139,7 @@ def _copy_run(src, dst, keep_lines=None, summary=True):
         open(path, "w").write("".join(lines[:keep_lines]))
 
 
+@pytest.mark.slow
 def test_unfinished_failed_and_broken_run_dirs_are_listed_and_not_pooled(sweep, report, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(sweep, mixed, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "keys"))
@@ -185,6 +188,7 @@ def test_unfinished_failed_and_broken_run_dirs_are_listed_and_not_pooled(sweep, 
     assert any("3 of 4 sweep jobs started" in n for n in res["notes"]), res["notes"]
 
 
+@pytest.mark.slow
 def test_cli_writes_the_report_and_rejects_a_bad_target(sweep, tmp_path, capsys):
     assert main([sweep, "--out", str(tmp_path / "r"), "--target", "eval_f1=0.05", "--group-by", "client.lr"]) == 0
     printed = capsys.readouterr().out
@@ -207,6 +211,7 @@ def _expected_scalars(records):
     return out
 
 
+@pytest.mark.slow
 def test_tensorboard_events_equal_metrics_jsonl_and_carry_the_hparams(sweep):
     from fedjax_llm.report.tensorboard import read_hparams, read_scalars
 
@@ -223,6 +228,7 @@ def test_tensorboard_events_equal_metrics_jsonl_and_carry_the_hparams(sweep):
         assert hp["model.family"] == config["model"]["family"] == "bow" and hp["run.rounds"] == 3
 
 
+@pytest.mark.slow
 def test_tensorboard_after_a_resume_shows_every_round_once(tmp_path):
     from fedjax_llm.report.tensorboard import read_scalars
 
@@ -240,12 +246,14 @@ def test_tensorboard_after_a_resume_shows_every_round_once(tmp_path):
         assert [(s, np.float32(v)) for s, v in got[tag]] == pairs, tag  # round 3 once, the redone one
 
 
+@pytest.mark.slow
 def test_tensorboard_can_be_switched_off(tmp_path):
     run_dir = tmp_path / "run"
     _train(*BOW, "run.rounds=1", "run.tensorboard=false", "checkpoint.enabled=false", f"hydra.run.dir={run_dir}")
     assert not os.path.exists(run_dir / "tensorboard") and os.path.exists(run_dir / "summary.json")
 
 
+@pytest.mark.slow
 def test_dp_run_reports_q_sample_size_and_population(sweep, tmp_path):
     import dp_accounting as dpa
 
