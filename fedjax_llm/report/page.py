@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import html
 import os
+import re
 from typing import Optional
 
 from fedjax_llm.report.tables import md_table
@@ -56,8 +57,8 @@ class Page:
 
 
 def _is_num(text: str) -> bool:
-    t = str(text).replace("±", "").replace(" ", "").replace(",", "").replace(".", "").replace("-", "")
-    return t.isdigit()
+    """A cell of numbers ('0.512 ± 0.049', '1e-05', '0, 1'): right-aligned."""
+    return bool(re.fullmatch(r"[-+]?\d[\d.,eE+\- ±]*", str(text).strip()))
 
 
 def _status_cell(text: str) -> str:
