@@ -295,3 +295,34 @@ def test_study_tables_re_render_unchanged_from_committed_results(study, name, tm
     for row in rows:
         finals = [r["acc"][-1] for r in results[row["setting"]]]
         assert float(row["final_eval_acc_mean"]) == pytest.approx(np.mean(finals), rel=1e-12)
+
+
+def test_tensorboard_writer_purges_on_resume_restarts_fresh_and_writes_only_from_process_0(tmp_path, monkeypatch):
+    """The writer alone, without training: records of rounds 0-3, a resume after round 1, a fresh start."""
+    from fedjax_llm.config import TrainConfig
+    from fedjax_llm.report import tensorboard as T
+
+    cfg = TrainConfig()
+    rec = lambda rnd, loss: {"round": rnd, "train_loss": loss, "ok": True, "clouds": {"a": {"bytes_up": rnd}}}
+    tb = T.TensorBoardWriter.open(str(tmp_path), cfg, 0, [rec(0, 9.0)])
+    for rnd in (1, 2, 3):
+        tb.log_round(rec(rnd, 10.0 + rnd))
+    tb.close()
+    tb = T.TensorBoardWriter.open(str(tmp_path), cfg, 1, [rec(0, 9.0), rec(1, 11.0)])  # resumed after round 1
+    tb.log_round(rec(2, 22.0))
+    tb.close()
+    got = T.read_scalars(str(tmp_path / "tensorboard"))
+    assert got["train_loss"] == [(0, 9.0), (1, 11.0), (2, 22.0)]  # round 3 purged, round 2 the new one
+    assert got["clouds/a/bytes_up"] == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert "ok" not in got and T.read_hparams(str(tmp_path / "tensorboard"))["client.lr"] == cfg.client.lr
+    tb = T.TensorBoardWriter.open(str(tmp_path), cfg, 0, [rec(0, 5.0)])                 # a fresh start
+    tb.close()
+    fresh = T.read_scalars(str(tmp_path / "tensorboard"))
+    assert fresh == {"train_loss": [(0, 5.0)], "clouds/a/bytes_up": [(0, 0.0)]}
+
+    monkeypatch.setattr(T, "_is_main_process", lambda: False)
+    other = tmp_path / "other"
+    tb = T.TensorBoardWriter.open(str(other), cfg, 0, [rec(0, 9.0)])
+    tb.log_round(rec(1, 1.0))
+    tb.close()
+    assert not tb.enabled and not other.exists()

@@ -94,8 +94,10 @@ class TensorBoardWriter:
         if fresh:
             for path in old:
                 os.remove(path)
+        # File names are events.out.tfevents.<second>.<host><suffix>, read back in name order: the
+        # sequence number keeps a resume within the same second after the files it purges.
         writer = SummaryWriter(logdir, purge_step=None if fresh else start_round + 1, flush_secs=30,
-                               filename_suffix=f".{os.getpid()}")
+                               filename_suffix=f".{0 if fresh else len(old):04d}.{os.getpid()}")
         tb = cls(writer)
         if fresh:
             for summary in hparams_summaries(hparams(cfg), {tag: 0.0 for tag in headline_tags(cfg)}):
