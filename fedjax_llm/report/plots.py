@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from fedjax_llm.report import group as G
 from fedjax_llm.report.group import Group, Metric
@@ -63,8 +63,10 @@ def _band(ax, x, c: dict, color, label: Optional[str], marker: str = "o", linest
 
 def _y_axis(ax, m: Metric) -> None:
     ax.set_ylabel(f"{m.label} ({'higher' if m.higher_better else 'lower'} is better)")
-    if m.key == "eval_ppl":
+    if m.key == "eval_ppl":  # log scale, plain numbers on the ticks
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.grid(alpha=0.3)
 
 
