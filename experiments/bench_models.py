@@ -145,7 +145,8 @@ def bench_minilm_rounds(rounds: int) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from fedjax_llm.config import register_configs, to_train_config, validate
+    from fedjax_llm.config import register_configs, to_train_config
+    from fedjax_llm.validation import validate
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.models.params import count_params
     from fedjax_llm.server import Federation

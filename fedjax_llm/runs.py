@@ -10,13 +10,11 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from fedjax_llm.config import TrainConfig, to_train_config, validate
+from fedjax_llm.config import TrainConfig
+from fedjax_llm.errors import RunDirError
+from fedjax_llm.validation import validate
 from fedjax_llm.models.params import Params
 from fedjax_llm.models.spec import ModelSpec
-
-
-class RunDirError(RuntimeError):
-    """A run directory that cannot be read back; the message names the file or step."""
 
 
 @dataclasses.dataclass
@@ -40,12 +38,9 @@ class LoadedRun:
 
 def read_config(run_dir: str) -> TrainConfig:
     """The resolved TrainConfig a run wrote to RUN_DIR/config.yaml."""
-    from omegaconf import OmegaConf
+    from fedjax_llm.rundir import read_stored_config
 
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise RunDirError(f"{path}: not found; is {run_dir!r} a fedjax_llm run directory?")
-    return validate(to_train_config(OmegaConf.load(path)))
+    return read_stored_config(run_dir)
 
 
 def _checkpointer(cfg: TrainConfig, directory: str, step: Optional[int]):
@@ -78,7 +73,7 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
         raise RunDirError(f"{directory}: no checkpoint for step {step}; available: {available}")
     data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
     fed = Federation(cfg, data)
-    state, meta = ckpt.restore(fed.init_state())
+    state, meta = ckpt.restore(fed.init_state(), quarantine=False)  # reading changes nothing
     if meta.get("frozen_digest") != tree_digest(fed.frozen):
         raise RunDirError(f"{directory}: step {int(state.round)} was trained on another frozen base "
                           "than the one rebuilt from config.yaml (model, seed or data changed?)")

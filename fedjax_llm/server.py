@@ -31,6 +31,7 @@ from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.message import MessageError
 from fedjax_llm.config import TrainConfig
 from fedjax_llm.data.federated import FederatedData, round_batches
+from fedjax_llm.errors import RunStopped
 from fedjax_llm.evaluate import make_evaluator, perplexity
 from fedjax_llm.models.build import build_model, freeze_lora_a
 from fedjax_llm.secure.round import SecureSum, dp_noise_std, noise_at_clouds, secure_sums_in_clouds
@@ -43,11 +44,11 @@ AGGREGATOR = "aggregator"
 _COHORT, _CLIENT_KEYS = 11, 12  # streams derived from a round key
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunStopped):
     """A NaN/Inf update or model under run.on_nonfinite=stop; the global model was not changed."""
 
 
-class QuorumError(RuntimeError):
+class QuorumError(RunStopped):
     """Fewer clouds' updates were accepted than secure.quorum; the global model was not changed."""
 
 

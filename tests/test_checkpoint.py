@@ -98,7 +98,7 @@ def test_all_corrupt_stops_with_clear_error(tmp_path):
     ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
     ck.save(1, _state(1, 1))
     _corrupt(os.path.join(str(tmp_path), "1"), "flip")
-    with pytest.raises(CheckpointError, match=r"no valid checkpoint in .*step 1"):
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*step 1"):
         ck.restore(_state(0))
 
 

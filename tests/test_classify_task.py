@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedjax_llm.client import make_classify_loss
-from fedjax_llm.config import ConfigError, validate
+from fedjax_llm.config import ConfigError
+from fedjax_llm.validation import validate
 from fedjax_llm.data.federated import build_federated_data, round_batches
 from fedjax_llm.evaluate import classification_scores
 from fedjax_llm.models.build import resolve_path

@@ -5,7 +5,8 @@ import os
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from fedjax_llm.config import ConfigError, TrainConfig, validate
+from fedjax_llm.config import ConfigError, TrainConfig
+from fedjax_llm.validation import validate
 from fedjax_llm.train import CONF_DIR, run
 from tests.conftest import compose_config
 

@@ -11,7 +11,8 @@ import pytest
 
 from fedjax_llm.aggregate import lora_round
 from fedjax_llm.client import client_optimizer, make_local_update, make_task_loss
-from fedjax_llm.config import ConfigError, validate
+from fedjax_llm.config import ConfigError
+from fedjax_llm.validation import validate
 from fedjax_llm.data.federated import build_federated_data
 from fedjax_llm.models.build import split_leaves
 from fedjax_llm.round import make_round_compute

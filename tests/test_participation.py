@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedjax_llm import participation
-from fedjax_llm.config import validate
+from fedjax_llm.validation import validate
 from tests.conftest import compose_config
 
 ROUNDS = 400

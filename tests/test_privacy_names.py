@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from fedjax_llm.config import validate
+from fedjax_llm.validation import validate
 from fedjax_llm.secure.privacy import Privacy
 from tests.conftest import compose_config
 

@@ -129,7 +129,9 @@ def test_html_is_self_contained_and_every_embedded_image_is_a_png(report):
         assert needle not in text, needle
 
 
-def _copy_run(src, dst, keep_lines=None, summary=True):
+def _copy_run(src, dst, keep_lines=None, summary=True, event=None, old_style=False):
+    """A copy of a finished run made to look unfinished: metrics cut to keep_lines, summary.json
+    removed, a last history.jsonl event appended; old_style: no lock file or history (older runs)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "keys"))
     if not summary:
         os.remove(os.path.join(dst, "summary.json"))
@@ -137,38 +139,59 @@ def _copy_run(src, dst, keep_lines=None, summary=True):
         path = os.path.join(dst, "metrics.jsonl")
         lines = open(path).read().splitlines(True)
         open(path, "w").write("".join(lines[:keep_lines]))
+    if event is not None:
+        with open(os.path.join(dst, "history.jsonl"), "a") as f:
+            f.write(json.dumps(event) + "\n")
+    if old_style:
+        for name in (".lock", "history.jsonl"):
+            if os.path.exists(os.path.join(dst, name)):
+                os.remove(os.path.join(dst, name))
 
 
 @pytest.mark.slow
 def test_unfinished_failed_and_broken_run_dirs_are_listed_and_not_pooled(sweep, report, tmp_path):
+    import fcntl
+
     mixed = tmp_path / "mixed"
     shutil.copytree(sweep, mixed, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "keys"))
-    _copy_run(mixed / "0", mixed / "4", keep_lines=2, summary=False)           # still writing
-    _copy_run(mixed / "0", mixed / "5", keep_lines=2, summary=False)           # silent for 2 h
-    old = time.time() - 7200
-    os.utime(mixed / "5" / "metrics.jsonl", (old, old))
-    _copy_run(mixed / "1", mixed / "6", keep_lines=3, summary=False)           # died with an error
+    _copy_run(mixed / "0", mixed / "4", keep_lines=2, summary=False, event={"event": "start"})  # training now
+    _copy_run(mixed / "0", mixed / "5", keep_lines=3, summary=False, event={"event": "stopped", "round": 2})
+    _copy_run(mixed / "1", mixed / "6", keep_lines=3, summary=False, event={"event": "start"})  # died
     with open(mixed / "6" / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "train_lo')                                      # a line cut by the kill
-    with open(mixed / "6" / "train.log", "a") as f:
-        f.write("[2026-12-02 10:00:00,000][fedjax_llm][ERROR] - stopped at round 3; the last checkpoint "
-                "holds the last finite model\n")
     os.makedirs(mixed / "7" / ".hydra")                                        # failed before any metric
     shutil.copy(mixed / "0" / ".hydra" / "overrides.yaml", mixed / "7" / ".hydra")
     os.makedirs(mixed / "8")
     (mixed / "8" / "config.yaml").write_text("seed: [unclosed\n")              # unreadable config
     _copy_run(mixed / "1", mixed / "9", summary=False)
     (mixed / "9" / "metrics.jsonl").write_text("not json\n")                  # no usable line
+    _copy_run(mixed / "0", mixed / "10", keep_lines=2, summary=False, old_style=True)  # silent for 2 h
+    old = time.time() - 7200
+    os.utime(mixed / "10" / "metrics.jsonl", (old, old))
+    _copy_run(mixed / "2", mixed / "11", keep_lines=2, summary=False, old_style=True)  # logged an error
+    with open(mixed / "11" / "train.log", "a") as f:
+        f.write("[2026-12-02 10:00:00,000][fedjax_llm][ERROR] - stopped at round 2; the last checkpoint "
+                "holds the last finite model\n")
     os.makedirs(mixed / "empty")                                               # not a run: skipped
 
     out = str(tmp_path / "out")
-    res = build_report([str(mixed)], out, targets={"eval_acc": 0.2})
-    status = {r["run"]: r["status"] for r in _csv(os.path.join(out, "runs.csv"))}
-    assert status == {"0": "complete", "1": "complete", "2": "complete", "3": "complete", "4": "in progress",
-                      "5": "incomplete", "6": "failed", "7": "no metrics", "8": "unreadable", "9": "no metrics"}
-    detail = {r["run"]: r["detail"] for r in _csv(os.path.join(out, "runs.csv"))}
-    assert "round 1 of 3" in detail["4"] and "stopped at round 3" in detail["6"] and "line 4 of 4" in detail["6"]
-    assert "line 1 of 1 unreadable" in detail["9"] and "config unreadable" in detail["8"]
+    lock = os.open(mixed / "4" / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)                       # as a training process does
+        os.pwrite(lock, b"pid 4242 on trainer\n", 0)
+        res = build_report([str(mixed)], out, targets={"eval_acc": 0.2})
+    finally:
+        os.close(lock)
+    runs = {r["run"]: r for r in _csv(os.path.join(out, "runs.csv"))}
+    assert {k: r["status"] for k, r in runs.items()} == {
+        "0": "complete", "1": "complete", "2": "complete", "3": "complete", "4": "in progress",
+        "5": "incomplete", "6": "failed", "7": "no metrics", "8": "unreadable", "9": "no metrics",
+        "10": "incomplete", "11": "failed"}
+    assert "round 1 of 3; running (pid 4242 on trainer)" in runs["4"]["detail"]
+    assert "stopped by a signal after round 2 of 3; resume with fedjax-llm-train resume=" in runs["5"]["detail"]
+    assert "ended without finishing" in runs["6"]["detail"] and "line 4 of 4" in runs["6"]["detail"]
+    assert "line 1 of 1 unreadable" in runs["9"]["detail"] and "config unreadable" in runs["8"]["detail"]
+    assert "last written 2.0 h ago" in runs["10"]["detail"] and "stopped at round 2" in runs["11"]["detail"]
     # the pooled numbers are those of the complete runs alone
     clean = {r["setting"]: r for r in _csv(os.path.join(report[0], "summary.csv"))}
     for row in _csv(os.path.join(out, "summary.csv")):
@@ -180,12 +203,12 @@ def test_unfinished_failed_and_broken_run_dirs_are_listed_and_not_pooled(sweep, 
 
     wide = build_report([str(mixed)], str(tmp_path / "wide"), include_incomplete=True)
     pooled = {r["setting"]: r["runs"] for r in _csv(wide["summary_csv"])}
-    assert pooled == {"client.lr=0.05": "5", "client.lr=0.01": "2"}  # runs 4, 5, 6 up to their last round
+    assert pooled == {"client.lr=0.05": "6", "client.lr=0.01": "3"}  # up to each run's last round
 
     partial = tmp_path / "partial"
-    shutil.copytree(mixed, partial, ignore=shutil.ignore_patterns("[3-9]", "empty"))
+    shutil.copytree(mixed, partial, ignore=shutil.ignore_patterns("[3-9]", "1?", "empty"))
     res = build_report([str(partial)], str(tmp_path / "partial_out"))
-    assert any("3 of 4 sweep jobs started" in n for n in res["notes"]), res["notes"]
+    assert any("3 of 4 sweep jobs have a directory" in n for n in res["notes"]), res["notes"]
 
 
 @pytest.mark.slow
@@ -236,7 +259,8 @@ def test_tensorboard_after_a_resume_shows_every_round_once(tmp_path):
     args = [*BOW, "checkpoint.every=2", f"hydra.run.dir={run_dir}"]
     _train(*args)                                      # checkpoints at rounds 2 and 3
     first = _lines(run_dir / "metrics.jsonl")
-    shutil.rmtree(run_dir / "checkpoints" / "3")       # as if killed before round 3 was saved
+    shutil.rmtree(run_dir / "checkpoints" / "3")       # as if killed after logging round 3, before saving it
+    os.remove(run_dir / "summary.json")
     _train(*args)                                      # resumes from round 2, redoes round 3
     second = _lines(run_dir / "metrics.jsonl")
     assert [r["round"] for r in second] == [0, 1, 2, 3] and second[:3] == first[:3]

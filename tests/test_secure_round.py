@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fedjax_llm.clouds.channel import Channel
-from fedjax_llm.config import ConfigError, validate
+from fedjax_llm.config import ConfigError
+from fedjax_llm.validation import validate
 from fedjax_llm.data.federated import build_federated_data
 from fedjax_llm.secure.round import dp_aggregator, dp_clip_piece, make_channel
 from fedjax_llm.secure.secagg import SecAggError

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
 
+from fedjax_llm.files import read_json
 from fedjax_llm.models.spec import LoRASpec, ModelSpec, llama_spec
 
 PACKAGE_PREFIX = "pkg:"
@@ -61,8 +61,7 @@ def spec_from_config(cfg: Any, vocab_size: int, num_labels: Optional[int]) -> Mo
         from fedjax_llm.models.hf_io import _resolve_spec
         path = resolve_path(m.path)
         where = os.path.join(path, "config.json")
-        with open(where, encoding="utf-8") as f:
-            config = json.load(f)
+        config = read_json(where, "Hugging Face config.json")
         _, spec, _ = _resolve_spec(config, where, lora_spec(cfg), m.param_dtype, m.compute_dtype, num_labels)
         field, limit = spec.max_len()
         if limit is not None and cfg.data.seq_len > limit:

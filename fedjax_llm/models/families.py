@@ -11,13 +11,13 @@ import dataclasses
 import re
 from typing import Any, Callable, Optional
 
+from fedjax_llm.errors import ModelError
 from fedjax_llm.models.spec import ACTIVATIONS, BertSpec, BowSpec, GPT2Spec, LlamaSpec, ModelSpec
-
 
 CLS_SUFFIX = "ForSequenceClassification"
 
 
-class HFConfigError(ValueError):
+class HFConfigError(ModelError):
     """A config.json the registry cannot honour; the message names the file, field and value."""
 
 

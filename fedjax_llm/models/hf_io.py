@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fedjax_llm.files import read_json
 from fedjax_llm.models.families import (FAMILIES, SEQ_CLS, Family, HFConfigError, expand_names,
                                         family_for_config, family_for_spec)
 from fedjax_llm.models.params import (ModelFns, Params, abstract_params, init_trainable,
@@ -72,7 +73,7 @@ def _unflatten(flat: dict[str, Any]) -> Params:
 def _read_json(file: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: not found (a Hugging Face checkpoint directory needs it)")
-    return json.loads(file.read_text())
+    return read_json(str(file), f"Hugging Face {file.name}")
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

@@ -20,7 +20,8 @@ COMPLETE, STOPPED = "complete", "stopped early"
 RUNNING, INCOMPLETE, FAILED = "in progress", "incomplete", "failed"
 NO_METRICS, UNREADABLE = "no metrics", "unreadable"
 USABLE = (COMPLETE, STOPPED)      # the statuses pooled into tables and plots by default
-MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", os.path.join(".hydra", "overrides.yaml"))
+MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "history.jsonl",
+           os.path.join(".hydra", "overrides.yaml"))
 SKIP_DIRS = {"checkpoints", "keys", "tensorboard", ".hydra", "report", "__pycache__"}
 
 
@@ -137,6 +138,37 @@ def _last_error(run_dir: str) -> str:
     return found
 
 
+def lock_holder(run_dir: str) -> Optional[str]:
+    """Who holds RUN_DIR/.lock (a training process holds it with flock for the life of the run): their
+    'pid N on HOST', '' when nobody does, None when the directory has no lock file (an older run)."""
+    path = os.path.join(run_dir, ".lock")
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        try:  # a shared probe, released at once (a run starting in that instant would be told 'in use')
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    finally:
+        os.close(fd)
+
+
+def last_event(run_dir: str) -> Optional[dict]:
+    """The last line of RUN_DIR/history.jsonl (start, stopped, complete), if any."""
+    try:
+        with open(os.path.join(run_dir, "history.jsonl"), encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+
 def _age(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -207,6 +239,7 @@ def load_run(run_dir: str, stale_after_s: float = 1800.0, now: Optional[float] =
     error = _last_error(run_dir)
     planned = run.config.get("run.rounds")
     last = run.last_round
+    holder, event = lock_holder(run_dir), last_event(run_dir)
     if not run.records:
         run.status = FAILED if error else NO_METRICS
         run.detail = error or note or ("metrics.jsonl empty" if os.path.isfile(metrics) else "no metrics.jsonl")
@@ -218,6 +251,16 @@ def load_run(run_dir: str, stale_after_s: float = 1800.0, now: Optional[float] =
     elif run.summary is not None and (planned is None or last >= planned):
         run.status = COMPLETE
         run.detail = f"{last} rounds"
+    elif holder:
+        run.status, run.detail = RUNNING, f"round {last} of {planned}; running ({holder})"
+    elif holder == "" and event is not None and event.get("event") == "stopped":
+        run.status = INCOMPLETE
+        run.detail = (f"stopped by a signal after round {event.get('round', last)} of {planned}; resume with "
+                      f"fedjax-llm-train resume={os.path.abspath(run_dir)}")
+    elif holder == "" and event is not None and event.get("event") == "start":
+        run.status = FAILED
+        run.detail = (f"after round {last} of {planned}: the process ended without finishing (an error or a "
+                      f"kill){': ' + error if error else ''}")
     elif error:
         run.status, run.detail = FAILED, f"after round {last} of {planned}: {error}"
     else:
@@ -244,8 +287,9 @@ def load_runs(paths: list[str], stale_after_s: float = 1800.0) -> tuple[list[Run
             expected = sweep_size(sweep)
             started = sum(os.path.dirname(d) == sweep for d in found)
             if expected is not None and started < expected:
-                notes.append(f"{sweep}: {started} of {expected} sweep jobs started; "
-                             f"{expected - started} not started yet (or their directories were removed)")
+                notes.append(f"{sweep}: {started} of {expected} sweep jobs have a directory; the other "
+                             f"{expected - started} have not started, or failed before training (a failed "
+                             "start removes its directory)")
         for d in found:
             real = os.path.realpath(d)
             if real not in seen:

@@ -18,12 +18,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from fedjax_llm.errors import UserError
+
 TRUST_FILE = "trust.json"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 _RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
 
 
-class IdentityError(ValueError):
+class IdentityError(UserError, ValueError):
     """A key or trust file that is missing, unreadable, too open, or inconsistent; names file and party."""
 
 
