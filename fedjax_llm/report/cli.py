@@ -166,8 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--include-incomplete", action="store_true",
                     help="also pool runs in progress, stopped or failed, up to their last round")
     ap.add_argument("--stale-minutes", type=float, default=30.0,
-                    help="a run without summary.json whose metrics.jsonl is older than this is 'incomplete', "
-                         "else 'in progress' (default 30)")
+                    help="for run directories without a lock file (older runs): an unfinished run whose "
+                         "metrics.jsonl is older than this is 'incomplete', else 'in progress' (default 30)")
     ap.add_argument("--title", help="page title")
     args = ap.parse_args(argv)
     out = args.out or (os.path.join(args.dirs[0], "report") if len(args.dirs) == 1 else "report")
