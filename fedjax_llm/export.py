@@ -120,6 +120,15 @@ def export_loaded(run: Any, out: str | Path, *, merged: bool = False) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script: a user's mistake is one line on stderr (--verbose: with the traceback)."""
+    from fedjax_llm.cli import pop_verbose, run_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = pop_verbose(args)
+    return run_main(lambda: _main(args), "fedjax-llm-export", verbose)
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedjax_llm.export",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run directory (config.yaml, checkpoints/)")

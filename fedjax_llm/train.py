@@ -16,6 +16,7 @@ stderr (`--verbose` or HYDRA_FULL_ERROR=1 for the traceback).
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -53,10 +54,11 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
         return plan.summary or {}
     failed = False
     with rundir.RunDirLock(plan.run_dir):
-        handler = _log_to(os.path.join(plan.run_dir, "train.log"))
+        handler = RunLog(os.path.join(plan.run_dir, "train.log"))
+        logging.getLogger().addHandler(handler)
         log.info("%s", plan.message)
         try:
-            return _train(plan, control or RunControl(), hydra_files)
+            return _train(plan, control or RunControl(), hydra_files, handler)
         except BaseException:
             failed = True
             raise
@@ -67,12 +69,31 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
                 _remove_failed_start(plan)
 
 
-def _log_to(path: str) -> logging.Handler:
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.setLevel(logging.INFO)
-    logging.getLogger().addHandler(handler)
-    return handler
+class RunLog(logging.handlers.MemoryHandler):
+    """RUN_DIR/train.log, held in memory until the run has accepted its data and model (`open()`), so a
+    start that fails before then leaves the directory's log as it was."""
+
+    def __init__(self, path: str):
+        super().__init__(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        self.path = path
+        self.setLevel(logging.INFO)
+
+    def open(self) -> None:
+        target = logging.FileHandler(self.path, encoding="utf-8")
+        target.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setTarget(target)
+        self.flush()
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return self.target is not None
+
+    def close(self) -> None:
+        target = self.target
+        if target is None:
+            self.buffer = []  # never opened: the lines are dropped with the failed start
+        super().close()
+        if target is not None:
+            target.close()
 
 
 def _remove_failed_start(plan: rundir.Plan) -> None:
@@ -90,7 +111,8 @@ def _remove_failed_start(plan: rundir.Plan) -> None:
             os.remove(path)
 
 
-def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[str, str]]) -> dict:
+def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[str, str]],
+           run_log: Optional[RunLog] = None) -> dict:
     cfg, run_dir = plan.cfg, plan.run_dir
     import jax  # deferred: a bad config fails without touching devices
 
@@ -125,16 +147,6 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
              count_params(fed.init_params), count_params(fed.frozen), fed.cohort_size,
              fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform)
 
-    # Everything the user gave is usable: only now does the directory become (or stay) this run's.
-    if plan.kind == "new":
-        if hydra_files:
-            rundir.write_hydra_files(run_dir, hydra_files)
-        rundir.write_config(run_dir, cfg)
-    elif plan.stored is not None and plan.stored.run.rounds != cfg.run.rounds:
-        rundir.write_config(run_dir, cfg)
-    rundir.append_history(run_dir, "start", action=plan.kind, rounds=cfg.run.rounds,
-                          command=rundir.command_line())
-
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     ckpt = Checkpointer(os.path.join(run_dir, rundir.CHECKPOINTS), cfg.checkpoint.every,
                         cfg.checkpoint.keep, cfg.run.rounds) if cfg.checkpoint.enabled else None
@@ -147,18 +159,32 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
             from fedjax_llm.checkpoint import CheckpointError
             raise CheckpointError(f"{ckpt.directory}: the frozen base params differ from the ones the "
                                   "checkpoint was trained with (model or seed changed?)")
+        if privacy is not None:
+            privacy.restore(meta.get("accountant"))
+    elif plan.kind == "resume" and plan.newest_step:
+        log.warning("no checkpoint of %s could be used; starting the run over", run_dir)
+
+    # Everything the user gave is usable: only now does the directory become (or stay) this run's.
+    if plan.kind == "new":
+        if hydra_files:
+            rundir.write_hydra_files(run_dir, hydra_files)
+        rundir.write_config(run_dir, cfg)
+    elif plan.stored is not None and plan.stored.run.rounds != cfg.run.rounds:
+        rundir.write_config(run_dir, cfg)
+    if run_log is not None:
+        run_log.open()
+    rundir.append_history(run_dir, "start", action=plan.kind, rounds=cfg.run.rounds,
+                          command=rundir.command_line())
+
+    if restored is not None:
         if "records" in meta:
             records = list(meta["records"])
             metrics.rewrite(records)
         else:  # a checkpoint written before records were kept in it
             metrics.truncate(int(state.round))
             records = metrics.records()
-        if privacy is not None:
-            privacy.restore(meta.get("accountant"))
         log.info("resumed from round %d in %s", int(state.round), ckpt.directory)
     else:
-        if plan.kind == "resume" and plan.newest_step:
-            log.warning("no checkpoint of %s could be used; starting the run over", run_dir)
         records = [clean(dict(round=0, **fed.evaluate(state)))]
         metrics.rewrite(records)
 

@@ -118,3 +118,40 @@ def test_refuses_to_write_nan(tmp_path):
     with pytest.raises(CheckpointError, match="NaN"):
         ck.save(1, bad)
     assert ck.steps() == []
+
+
+def test_fallback_moves_the_bad_step_aside_and_the_step_can_be_written_again(tmp_path, caplog):
+    ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
+    s1, s2 = _state(1, 1), _state(2, 2)
+    ck.save(1, s1, {"records": [{"round": 0}, {"round": 1}]})
+    ck.save(2, s2)
+    _corrupt(os.path.join(str(tmp_path), "2"), "flip")
+    with caplog.at_level(logging.WARNING):
+        restored, meta = ck.restore(_state(0))
+    assert meta["round"] == 1 and _bitwise_equal(restored, s1) and meta["records"][1] == {"round": 1}
+    assert os.path.isdir(os.path.join(str(tmp_path), "corrupt", "2")) and ck.steps() == [1]
+    ck.save(2, s2)  # the round retrained after the fallback is saved again (orbax refused before)
+    assert ck.steps() == [2, 1] and _bitwise_equal(ck.restore(_state(0))[0], s2)
+
+
+def test_read_only_restore_moves_nothing(tmp_path):
+    ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
+    ck.save(1, _state(1, 1))
+    ck.save(2, _state(2, 2))
+    _corrupt(os.path.join(str(tmp_path), "2"), "truncate")
+    _, meta = ck.restore(_state(0), quarantine=False)
+    assert meta["round"] == 1 and ck.steps() == [2, 1]
+
+
+def test_edited_metadata_is_caught_by_its_digest(tmp_path):
+    import json
+
+    ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
+    ck.save(1, _state(1, 1), {"records": [{"round": 1, "eval_loss": 2.5}]})
+    ck.save(2, _state(2, 2), {"records": [{"round": 2, "eval_loss": 2.0}]})
+    path = os.path.join(str(tmp_path), "2", "meta", "metadata")
+    meta = json.load(open(path))
+    meta["records"][0]["eval_loss"] = 1.0  # valid JSON, wrong figure
+    json.dump(meta, open(path, "w"))
+    _, restored = ck.restore(_state(0))
+    assert restored["round"] == 1
