@@ -342,7 +342,12 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; run_main prints one line (or the traceback)
     raise_on_signals()
     register_configs()
-    sys.exit(run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed))
+    code = run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed)
+    if code:  # the error is printed: leave before library threads (orbax's, after a failed write) add noise
+        from fedjax_llm.lifecycle import hard_exit
+
+        hard_exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
