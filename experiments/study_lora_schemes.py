@@ -7,7 +7,8 @@ Every arm is the default experiment (all-MiniLM-L6-v2 + LoRA on query/value, 3 c
 Dirichlet 0.5 topics, AdamW lr 1e-2, 2 local steps of 8): only model.lora.aggregation and
 model.lora.client_ranks change. "mixed" arms give the clients ranks 2, 4 and 8 in turn (padded width 8),
 as clouds with different hardware would. Scored like study_pretrained.py (same eval set, accuracy and
-macro-F1); writes OUT/results.json, OUT/table.md and OUT/accuracy.png.
+macro-F1); writes OUT/results.json, and through the report code OUT/table.md, table.csv and accuracy.png
+(`--render` rewrites those three from OUT/results.json without running anything).
 """
 from __future__ import annotations
 

@@ -14,8 +14,10 @@ Client learning rates (AdamW, 2 steps of 8 per round) were picked on seed 0 of t
 {2e-3, 1e-2, 2e-2}, bag-of-embeddings 5e-2 of {1e-2, 5e-2, 2e-1}, scratch 5e-4 (2e-3 collapsed to the majority
 class), centralized 2e-3 (1e-2 collapsed to the majority class).
 Every arm is scored every --eval-every rounds on the union of the clients' held-out examples: accuracy and macro-F1.
-Writes OUT/results.json (every curve), OUT/table.md (mean +- std over seeds of final accuracy and
-macro-F1, rounds to the target accuracy) and OUT/accuracy.png (mean over seeds, band = min..max).
+Writes OUT/results.json (every curve, the command and the git commit), and through the report code
+(fedjax_llm/report) OUT/table.md and table.csv (mean +- sample std over seeds of final accuracy and
+macro-F1, rounds to the target accuracy) and OUT/accuracy.png (mean over seeds, band = +- one std).
+`--render` rewrites the table and plot from OUT/results.json without running anything.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -111,57 +114,47 @@ def run_arm(arm: str, seed: int, rounds: int, every: int, extra: list[str], arms
                 per_client_final_acc=[a[-1] for a in accs])
 
 
-def rounds_to(acc: list[float], scored: list[int], target: float):
-    """The first scored round whose accuracy reaches target (None if none does)."""
-    hit = [r for r, a in zip(scored, acc) if a >= target]
-    return hit[0] if hit else None
+def in_arm_order(results: dict, arms: dict) -> dict:
+    """The arms in the order the study lists them (--update appends re-run arms at the end)."""
+    return {a: results[a] for a in sorted(results, key=lambda a: list(arms).index(a) if a in arms else len(arms))}
 
 
-def ordered(results: dict) -> list:
-    return list(results.items())
+def to_groups(results: dict) -> list:
+    """results.json's arms as report Groups: one Run per seed, its scored rounds as metrics records."""
+    from fedjax_llm.report.group import Group
+    from fedjax_llm.report.load import COMPLETE, Run
+
+    groups = []
+    for arm, runs in results.items():
+        group = Group(arm, [])
+        for r in runs:
+            records = [dict(round=rnd, eval_acc=a, eval_f1=f) for rnd, a, f in zip(r["scored_rounds"], r["acc"], r["f1"])]
+            group.runs.append(Run(path=f"results.json:{arm}/seed{r['seed']}", status=COMPLETE,
+                                  config=dict(seed=r["seed"]), records=records, totals=dict(wall_s=r["seconds"])))
+        groups.append(group)
+    return groups
 
 
-def fmt(values) -> str:
-    v = np.asarray(values, float)
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+def write_outputs(results: dict, scored: list[int], target: float, out: str, command: str, title: str,
+                  commit: Optional[str] = None) -> str:
+    """OUT/table.md (+ table.csv) and OUT/accuracy.png through the report code; returns the table text."""
+    from fedjax_llm.report import plots, tables
+    from fedjax_llm.report.group import METRICS
 
-
-def write_table(results: dict, scored: list[int], target: float, path: str, command: str) -> str:
-    lines = [f"Command: `{command}`", "",
-             f"| arm | final accuracy | final macro-F1 | rounds to {target:.0%} accuracy | training seconds per run |",
-             "|---|---|---|---|---|"]
-    for arm, runs in ordered(results):
-        finals = [r["acc"][-1] for r in runs]
-        f1 = [r["f1"][-1] for r in runs]
-        hits = [rounds_to(r["acc"], scored, target) for r in runs]
-        reached = [h for h in hits if h is not None]
-        to = (f"{np.mean(reached):.1f} ({len(reached)}/{len(hits)} seeds)" if reached else f"not reached (0/{len(hits)})")
-        lines.append(f"| {arm} | {fmt(finals)} | {fmt(f1)} | {to} | {np.mean([r['seconds'] for r in runs]):.0f} |")
-    text = "\n".join(lines) + "\n"
-    with open(path, "w") as f:
+    acc, f1 = METRICS["eval_acc"], METRICS["eval_f1"]
+    groups = to_groups({arm: [dict(r, scored_rounds=scored) for r in runs] for arm, runs in results.items()})
+    columns = [tables.label_col("arm"), tables.final_col(acc, "final accuracy"), tables.final_col(f1, "final macro-F1"),
+               tables.rounds_to_col(acc, target, f"rounds to {target:.0%} accuracy"),
+               tables.mean_col("wall_s", "training seconds per run")]
+    head = [f"Command: `{command}`"] + ([f"Commit: `{commit}`"] if commit else [])
+    text = "\n".join([*head, "", tables.markdown(groups, columns)])
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
+    tables.summary_csv(os.path.join(out, "table.csv"), groups, [acc, f1], {"eval_acc": target})
+    n = max(len(runs) for runs in results.values())
+    plots.metric_figure(os.path.join(out, "accuracy.png"), groups, acc, xs=("round",),
+                        title=f"{title}, chatterbot (16 classes), {n} seeds: mean ± std over seeds")
     return text
-
-
-def write_plot(results: dict, scored: list[int], path: str, title: str = "Topic classification") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm, runs in ordered(results):
-        acc = np.array([r["acc"] for r in runs])
-        x = np.asarray(scored)
-        ax.plot(x, acc.mean(0), label=arm)
-        ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("eval accuracy")
-    ax.set_title(f"{title}, chatterbot (16 classes), {len(next(iter(results.values())))} seeds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "results", "pretrained_vs_scratch"),
@@ -179,7 +172,14 @@ def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "
                     help="keep OUT/results.json's other arms and replace only the arms run now")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/fedjax_llm/jax"),
                     help="JAX compilation cache: seeds after the first reuse the compiled rounds")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: rewrite OUT/table.md, table.csv and accuracy.png from OUT/results.json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.load(open(os.path.join(args.out, "results.json")))
+        print(write_outputs(in_arm_order(saved["results"], arms), saved["scored_rounds"], args.target, args.out,
+                            saved["command"], title, saved.get("git_commit")))
+        return
     extra = ["run.progress=false", "secure.seal=false", *args.set]
     if args.smoke:
         args.seeds, args.rounds, args.eval_every = args.seeds[:1], 2, 1
@@ -190,6 +190,8 @@ def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "
     register_configs()
     os.makedirs(args.out, exist_ok=True)
     command = f"python experiments/{os.path.basename(sys.argv[0])} " + " ".join(sys.argv[1:])
+    from fedjax_llm.report.cli import provenance
+    commit = provenance()  # the code the arms run now (-dirty: with uncommitted changes)
     results: dict[str, list] = {}
     scored = eval_rounds(args.rounds, args.eval_every)
     previous = os.path.join(args.out, "results.json")
@@ -199,18 +201,19 @@ def main(arms: dict = ARMS, out: str = os.path.join(os.path.dirname(__file__), "
             raise SystemExit(f"--update: {previous} scored rounds {old['scored_rounds']}, this run {scored}")
         results = {arm: runs for arm, runs in old["results"].items() if arm not in args.arms}
         command = old["command"] + " ; " + command
+        if old.get("git_commit", "not recorded") != commit:
+            commit = f"{old.get('git_commit', 'not recorded')} ; {commit}"
     for arm in args.arms:
         for seed in args.seeds:
             r = run_arm(arm, seed, args.rounds, args.eval_every, extra, arms)
             results.setdefault(arm, []).append(dict(seed=seed, **r))
             print(f"{arm} seed {seed}: accuracy {r['acc'][0]:.3f} -> {r['acc'][-1]:.3f}, macro-F1 "
                   f"{r['f1'][-1]:.3f}, {r['seconds']:.0f} s", flush=True)
+            results = in_arm_order(results, arms)
             with open(os.path.join(args.out, "results.json"), "w") as f:
-                json.dump(dict(command=command, rounds=args.rounds, scored_rounds=scored, results=results), f,
-                          indent=1)
-    results = {arm: results[arm] for arm in sorted(results, key=lambda a: list(arms).index(a) if a in arms else len(arms))}
-    print(write_table(results, scored, args.target, os.path.join(args.out, "table.md"), command))
-    write_plot(results, scored, os.path.join(args.out, "accuracy.png"), title)
+                json.dump(dict(command=command, git_commit=commit, rounds=args.rounds, scored_rounds=scored,
+                               results=results), f, indent=1)
+    print(write_outputs(results, scored, args.target, args.out, command, title, commit))
 
 
 if __name__ == "__main__":

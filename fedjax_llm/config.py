@@ -218,6 +218,7 @@ class RunConfig:
     on_nonfinite: str = "drop"     # drop: NaN/Inf clients are excluded and counted | stop
     progress: bool = True          # tqdm bar with round, loss and ETA
     devices: int = 0               # devices on the clients mesh axis (0 = all local devices)
+    tensorboard: bool = True       # TensorBoard event files in RUN_DIR/tensorboard (process 0 only)
 
 
 @dataclasses.dataclass

@@ -123,6 +123,7 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
     from fedjax_llm.data.federated import build_federated_data
     from fedjax_llm.metrics import MetricsLog, clean, write_json
     from fedjax_llm.models.params import count_params
+    from fedjax_llm.report.tensorboard import TensorBoardWriter
     from fedjax_llm.secure.privacy import Privacy
     from fedjax_llm.secure.round import make_channel
     from fedjax_llm.server import Federation
@@ -188,6 +189,7 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
         metrics.rewrite(records)
 
     start = int(state.round)
+    tb = TensorBoardWriter.open(run_dir, cfg, start, records)  # resumed: later events purged
     progress = types.SimpleNamespace(state=state, round=start, saved=start if restored else None)
 
     def checkpoint_meta() -> dict:
@@ -234,6 +236,7 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
             with control.commit():  # a signal now waits for this round to be recorded (and saved)
                 metrics.append(record)
                 records.append(record)
+                tb.log_round(record)
                 progress.state, progress.round = new_state, rnd
                 if ckpt and (ckpt.should_save(rnd) or (privacy is not None and privacy.would_exceed())):
                     ckpt.save(rnd, new_state, checkpoint_meta())
@@ -247,6 +250,7 @@ def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[st
             where = save_last()
         raise type(e)(f"{e}; {where}") from e
     finally:
+        tb.close()
         if bar is not None:
             bar.close()
 
@@ -338,7 +342,12 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; run_main prints one line (or the traceback)
     raise_on_signals()
     register_configs()
-    sys.exit(run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed))
+    code = run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed)
+    if code:  # the error is printed: leave before library threads (orbax's, after a failed write) add noise
+        from fedjax_llm.lifecycle import hard_exit
+
+        hard_exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Shared fixtures: Hydra composition of conf/ and a per-session tokenizer cache."""
+"""Shared fixtures: Hydra composition of conf/, a per-session tokenizer cache, and the environment and
+arguments of the subprocess runs the fault-injection tests make."""
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -25,3 +27,24 @@ def compose_config(overrides=()) -> TrainConfig:
 @pytest.fixture(scope="session")
 def tokenizer_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+FAULT_ROUNDS = 4
+
+
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory):
+    """The environment of a `python -m fedjax_llm.train` subprocess: a compile cache of this module's own."""
+    e = dict(os.environ)
+    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    e.pop("HYDRA_FULL_ERROR", None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def tiny_run_args(tmp_path_factory):
+    """A 4-round tiny dialog run checkpointing every round: seconds per start."""
+    cache = tmp_path_factory.mktemp("tok")
+    return ["task=dialog", "debug=tiny", f"data.tokenizer_cache={cache}", "data.max_eval_examples=32",
+            f"run.rounds={FAULT_ROUNDS}", "checkpoint.every=1"]

@@ -1,9 +1,10 @@
 """Fault injection over a run directory, part 1: processes killed or stopped at any moment.
 
 Each case ends in a run whose final params (the raw checkpoint arrays, bitwise) and per-round metrics
-equal an uninterrupted run's, with every round in metrics.jsonl exactly once. SIGKILL lands at seeded
-random moments, during a checkpoint write and during compilation; SIGTERM and SIGINT must end the run
-within seconds with exit 143 / 130, no traceback, and the last completed round checkpointed.
+equal an uninterrupted run's, with every round in metrics.jsonl exactly once. SIGKILL and SIGTERM land
+at seeded random moments, SIGKILL and SIGINT also during compilation and SIGKILL during a checkpoint
+write; SIGTERM and SIGINT must end the run within seconds with exit 143 / 130, no traceback, and the
+last completed round checkpointed.
 """
 import os
 import random
@@ -12,91 +13,70 @@ import time
 
 import pytest
 
+from tests.conftest import FAULT_ROUNDS
 from tests.runtools import (assert_same_run, file_has, newest_round, records, run_train, start_train, stop,
                             wait_for)
 
-ROUNDS = 4
+ROUNDS = FAULT_ROUNDS
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    e.pop("HYDRA_FULL_ERROR", None)
-    return e
-
-
-@pytest.fixture(scope="module")
-def args(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("tok")
-    return ["task=dialog", "debug=tiny", f"data.tokenizer_cache={cache}", "data.max_eval_examples=32",
-            f"run.rounds={ROUNDS}", "checkpoint.every=1"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, env, args):
+def reference(tmp_path_factory, train_env, tiny_run_args):
     """An uninterrupted run (and how long it took)."""
     run_dir = str(tmp_path_factory.mktemp("ref") / "run")
     t0 = time.time()
-    proc = run_train(args + [f"hydra.run.dir={run_dir}"], env)
+    proc = run_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, time.time() - t0
 
 
-def _finish(args, env, run_dir):
-    proc = run_train(args + [f"hydra.run.dir={run_dir}"], env)
+def _finish(tiny_run_args, train_env, run_dir):
+    proc = run_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(tmp_path, env, args, reference):
+def test_sigkill_and_sigterm_at_random_moments_then_rerun_equals_uninterrupted(tmp_path, train_env, tiny_run_args,
+                                                                              reference):
     ref_dir, ref_s = reference
     run_dir = str(tmp_path / "run")
     rng = random.Random(1234)
-    kills = 0
-    for attempt in range(3):  # three starts, each SIGKILLed at a random moment (or finishing first)
-        proc = start_train(args + [f"hydra.run.dir={run_dir}"], env, str(tmp_path / f"log{attempt}"))
-        time.sleep(rng.uniform(0.5, ref_s))
-        kills += stop(proc, signal.SIGKILL) == -signal.SIGKILL
-    assert kills >= 1
-    _finish(args, env, run_dir)  # resumes (or says the run is complete)
+    interrupted = 0
+    for attempt, sig in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM]):
+        log = str(tmp_path / f"log{attempt}")  # each start is stopped at a random moment (or finishes first)
+        proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
+        time.sleep(rng.uniform(0.2, 0.8) * ref_s)
+        code = stop(proc, sig)
+        interrupted += code != 0
+        assert code in (0, -signal.SIGKILL, 128 + signal.SIGTERM), open(log).read()[-3000:]
+        assert "Traceback" not in open(log).read()
+    assert interrupted >= 1
+    _finish(tiny_run_args, train_env, run_dir)  # resumes (or says the run is complete)
     assert_same_run(ref_dir, run_dir, ROUNDS)
 
 
-def test_sigkill_during_a_checkpoint_write(tmp_path, env, args, reference):
+def test_sigkill_during_a_checkpoint_write(tmp_path, train_env, tiny_run_args, reference):
     run_dir = str(tmp_path / "run")
     ckpts = os.path.join(run_dir, "checkpoints")
-    proc = start_train(args + [f"hydra.run.dir={run_dir}"], env, str(tmp_path / "log"))
+    proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, str(tmp_path / "log"))
     writing = lambda: os.path.isdir(ckpts) and any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpts))
     try:
         assert wait_for(writing, proc, poll=0.002), "no checkpoint write was seen in progress"
     finally:
         stop(proc, signal.SIGKILL)
-    _finish(args, env, run_dir)
+    _finish(tiny_run_args, train_env, run_dir)
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpts))
     assert_same_run(reference[0], run_dir, ROUNDS)
 
 
-def test_sigkill_during_compilation(tmp_path, env, args, reference):
-    run_dir = str(tmp_path / "run")
-    log = str(tmp_path / "log")
-    proc = start_train(args + [f"hydra.run.dir={run_dir}"], env, log)
-    try:
-        assert wait_for(lambda: file_has(log, " - model: "), proc), open(log).read()[-3000:]
-    finally:
-        stop(proc, signal.SIGKILL)  # the first jit (round-0 evaluation) compiles now
-    _finish(args, env, run_dir)
-    assert_same_run(reference[0], run_dir, ROUNDS)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_mid_run_checkpoints_the_last_round_and_exits_cleanly(tmp_path, env, args, reference, sig):
+def test_signal_mid_run_checkpoints_the_last_round_and_exits_cleanly(tmp_path, train_env, tiny_run_args, reference,
+                                                                    sig):
     run_dir = str(tmp_path / "run")
     log = str(tmp_path / "log")
     # checkpoint.every=3: round 1 is completed but not checkpointed when the signal comes
-    run_args = args + ["checkpoint.every=3"]
-    proc = start_train(run_args + [f"hydra.run.dir={run_dir}"], env, log)
+    run_args = tiny_run_args + ["checkpoint.every=3"]
+    proc = start_train(run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
     try:
         assert wait_for(lambda: newest_round(run_dir) >= 1, proc), open(log).read()[-3000:]
     finally:
@@ -112,36 +92,37 @@ def test_signal_mid_run_checkpoints_the_last_round_and_exits_cleanly(tmp_path, e
     done = records(run_dir)[-1]["round"]
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", str(done))), "the last completed round is saved"
     assert not os.path.exists(os.path.join(run_dir, "summary.json"))
-    _finish(run_args, env, run_dir)
+    _finish(run_args, train_env, run_dir)
     assert_same_run(reference[0], run_dir, ROUNDS)
 
 
-def test_sigint_during_compilation_exits_at_once(tmp_path, env, args, reference):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_signal_during_compilation(tmp_path, train_env, tiny_run_args, reference, sig):
     run_dir = str(tmp_path / "run")
     log = str(tmp_path / "log")
-    proc = start_train(args + [f"hydra.run.dir={run_dir}"], env, log)
+    proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
     try:
         assert wait_for(lambda: file_has(log, " - model: "), proc), open(log).read()[-3000:]
-        time.sleep(0.2)
+        time.sleep(0.2)  # the first jit (round-0 evaluation) compiles now
     finally:
         t0 = time.time()
-        code = stop(proc, signal.SIGINT)
+        code = stop(proc, sig)
         seconds = time.time() - t0
     output = open(log).read()
-    assert code == 130, output[-3000:]
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), output[-3000:]
     assert seconds < 10, seconds  # compiling does not delay the stop
     assert "Traceback" not in output and "Segmentation" not in output, output[-3000:]
-    _finish(args, env, run_dir)
+    _finish(tiny_run_args, train_env, run_dir)
     assert_same_run(reference[0], run_dir, ROUNDS)
 
 
-def test_a_second_process_on_the_same_directory_is_refused(tmp_path, env, args):
+def test_a_second_process_on_the_same_directory_is_refused(tmp_path, train_env, tiny_run_args):
     run_dir = str(tmp_path / "run")
     log = str(tmp_path / "log")
-    proc = start_train(args + ["run.rounds=30", f"hydra.run.dir={run_dir}"], env, log)
+    proc = start_train(tiny_run_args + ["run.rounds=30", f"hydra.run.dir={run_dir}"], train_env, log)
     try:
         assert wait_for(lambda: newest_round(run_dir) >= 0, proc), open(log).read()[-3000:]
-        second = run_train(args + ["run.rounds=30", f"hydra.run.dir={run_dir}"], env)
+        second = run_train(tiny_run_args + ["run.rounds=30", f"hydra.run.dir={run_dir}"], train_env)
     finally:
         stop(proc, signal.SIGKILL)
     assert second.returncode == 2

@@ -132,7 +132,8 @@ def test_shares_split_the_total_by_largest_remainder(total, shares, expected):
 
 def test_shares_that_leave_a_cloud_empty_fail():
     overrides = ["clouds=custom", "clouds.total_clients=2"] + [f"clouds.members.c{i}={{share: 0.2}}" for i in range(5)]
-    with pytest.raises(ConfigError, match=r"clouds.total_clients: 2 clients split by shares leave \['c2', 'c3', 'c4'\] without a client"):
+    expected = r"clouds.total_clients: 2 clients split by shares leave \['c2', 'c3', 'c4'\] without a client"
+    with pytest.raises(ConfigError, match=expected):
         validate(compose_config(overrides))
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from fedjax_llm.report.cli import main
+
+sys.exit(main())
