@@ -129,6 +129,21 @@ def supervise(target: Callable[[RunControl], T]) -> T:
     return outcome["value"]
 
 
+def quiet_closed_loop_noise() -> None:
+    """After a failed checkpoint write, orbax's worker threads may still post to an asyncio loop that
+    is closed, and each prints a traceback; those go to the log at DEBUG, every other thread error as
+    before."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+            log.debug("ignored in thread %s: %s", getattr(args.thread, "name", "?"), args.exc_value)
+            return
+        default(args)
+
+    threading.excepthook = hook
+
+
 def raise_on_signals() -> None:
     """Outside a supervised run, SIGINT and SIGTERM raise Interrupted (reported as one line)."""
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedjax_llm import rundir
 from fedjax_llm.config import TrainConfig, register_configs, to_train_config
 from fedjax_llm.errors import DataError, ModelError, RunStopped, UserError
-from fedjax_llm.lifecycle import RunControl, StopTraining, raise_on_signals, supervise
+from fedjax_llm.lifecycle import RunControl, StopTraining, quiet_closed_loop_noise, raise_on_signals, supervise
 from fedjax_llm.validation import validate
 
 log = logging.getLogger("fedjax_llm")
@@ -341,6 +341,7 @@ def main() -> None:
     verbose = pop_verbose(sys.argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; run_main prints one line (or the traceback)
     raise_on_signals()
+    quiet_closed_loop_noise()
     register_configs()
     code = run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed)
     if code:  # the error is printed: leave before library threads (orbax's, after a failed write) add noise

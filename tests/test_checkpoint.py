@@ -166,3 +166,19 @@ def test_edited_metadata_is_caught_by_its_digest(tmp_path):
     json.dump(meta, open(path, "w"))
     _, restored = ck.restore(_state(0))
     assert restored["round"] == 1
+
+
+def test_a_checkpoint_of_another_version_is_named_as_such(tmp_path):
+    import json
+
+    from fedjax_llm.checkpoint import FormatError
+
+    ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
+    ck.save(1, _state(1, 1))
+    path = os.path.join(str(tmp_path), "1", "meta", "metadata")
+    meta = json.load(open(path))
+    del meta["format"]  # what a version before the cloud/aggregator split wrote
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(FormatError, match="step 1 was written by another version of fedjax_llm"):
+        ck.restore(_state(0))
+    assert ck.steps() == [1]  # not treated as damage: nothing moved

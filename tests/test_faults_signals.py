@@ -38,19 +38,22 @@ def _finish(tiny_run_args, train_env, run_dir):
 
 def test_sigkill_and_sigterm_at_random_moments_then_rerun_equals_uninterrupted(tmp_path, train_env, tiny_run_args,
                                                                               reference):
-    ref_dir, ref_s = reference
+    ref_dir = reference[0]
     run_dir = str(tmp_path / "run")
     rng = random.Random(1234)
     interrupted = 0
     for attempt, sig in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM]):
-        log = str(tmp_path / f"log{attempt}")  # each start is stopped at a random moment (or finishes first)
+        # each start is stopped a random moment after a random round of those left was recorded
+        target = rng.randint(min(max(newest_round(run_dir), 0), ROUNDS - 2), ROUNDS - 2)
+        log = str(tmp_path / f"log{attempt}")
         proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
-        time.sleep(rng.uniform(0.2, 0.8) * ref_s)
+        wait_for(lambda: newest_round(run_dir) >= target, proc)
+        time.sleep(rng.uniform(0.0, 0.6))
         code = stop(proc, sig)
         interrupted += code != 0
         assert code in (0, -signal.SIGKILL, 128 + signal.SIGTERM), open(log).read()[-3000:]
         assert "Traceback" not in open(log).read()
-    assert interrupted >= 1
+    assert interrupted >= 2
     _finish(tiny_run_args, train_env, run_dir)  # resumes (or says the run is complete)
     assert_same_run(ref_dir, run_dir, ROUNDS)
 
