@@ -53,6 +53,8 @@ def describe(e: BaseException) -> Optional[str]:
     line = _omegaconf_line(e)
     if line is not None:
         return _one_line(line)
+    if isinstance(e, ValueError) and _raised_in_hydra(e):  # command-line misuse Hydra reports itself
+        return _one_line(str(e))
     if isinstance(e, HydraException):
         cause = _omegaconf_line(e.__cause__)
         if cause is not None:
@@ -62,6 +64,14 @@ def describe(e: BaseException) -> Optional[str]:
             text = text.replace("In 'train': ", "")
         return _one_line(text)
     return None
+
+
+def _raised_in_hydra(e: BaseException) -> bool:
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}hydra{os.sep}" in last.tb_frame.f_code.co_filename
 
 
 def code_for(e: BaseException) -> int:

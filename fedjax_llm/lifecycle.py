@@ -48,6 +48,12 @@ class RunControl:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._finalize: Optional[Callable[[], str]] = None
+        # Several processes: they must stop at the same round, so the loop decides (collectively, at a
+        # round boundary) and saves; the signal only asks.
+        self.collective = False
+
+    def request_stop(self) -> None:
+        self._stop.set()
 
     def stop_requested(self) -> bool:
         return self._stop.is_set()
@@ -117,15 +123,22 @@ def supervise(target: Callable[[RunControl], T]) -> T:
     try:
         while True:
             worker.join(0.1)
-            if pending:
+            if pending and not control.collective:
                 hard_exit(exit_code(pending[0]), control.stop(pending[0]))
+            if pending:
+                control.request_stop()  # the loop stops every process at the next round boundary
             if not worker.is_alive():
                 break
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, StopTraining):  # a signal here, or (several processes) at another process
+        signum = pending[0] if pending else signal.SIGTERM
+        name = signal.Signals(signum).name if pending else "stopped with the other processes"
+        hard_exit(exit_code(signum), f"{name}: {error}" if str(error) else name)
+    if error is not None:
+        raise error
     return outcome["value"]
 
 
