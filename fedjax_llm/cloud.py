@@ -53,7 +53,8 @@ class Engine:
     loop: bool               # client.backend=loop: client by client, failures named
     rows: tuple = (0, 1 << 62)  # the padded slots [start, stop) on this process's devices (all of them in
                              # one process)
-    shared_frozen: Any = None  # multi-process: the frozen base as a global array, replicated once
+    placed_frozen: Any = None  # the frozen base placed once on the mesh (several processes, or split over
+                             # a model axis); None: passed as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +167,13 @@ def _compute(cloud: Cloud, msg: GlobalMsg, inputs: RoundInputs, rnd: int, ids: n
     if eng.loop:
         name = lambda i: describe(cloud, ids[i]) if i < len(ids) else f"cloud {cloud.name!r}, padding slot {i}"  # noqa: E731
         return eng.run(*args, inputs, eng.hparams, rnd, name)
-    if eng.shared_frozen is None:
-        return eng.run(*args, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams)
+    frozen = eng.frozen if eng.placed_frozen is None else eng.placed_frozen
+    if jax.process_count() == 1:
+        return eng.run(msg.params, frozen, msg.broadcast, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams)
     # Several processes: each puts its own slots' rows; the result comes back to every host.
     params, broadcast, hparams = distributed.put_replicated((msg.params, msg.broadcast, eng.hparams), eng.mesh)
     rows = distributed.put_rows(inputs, input_sharding(eng.mesh), eng.layout.padded, eng.rows)
-    return distributed.fetch(eng.run(params, eng.shared_frozen, broadcast, rows, hparams))
+    return distributed.fetch(eng.run(params, frozen, broadcast, rows, hparams))
 
 
 def cloud_step(cloud: Cloud, state: CloudState, msg: GlobalMsg,
