@@ -112,3 +112,13 @@ def run_main(fn: Callable[[], object], prog: str, verbose: bool, unwrap: type = 
             e = e.error
         return report(e, prog, verbose)
     return result if isinstance(result, int) else 0
+
+
+def train() -> None:
+    """The fedjax-llm-train console script: signals are handled before the heavy imports start."""
+    from fedjax_llm.lifecycle import exit_on_signals_while_starting
+
+    exit_on_signals_while_starting("fedjax-llm-train")
+    from fedjax_llm.train import main
+
+    main()

@@ -157,6 +157,20 @@ def quiet_closed_loop_noise() -> None:
     threading.excepthook = hook
 
 
+def exit_on_signals_while_starting(prog: str) -> None:
+    """Installed first thing by the console scripts, before jax, Hydra and the rest are imported: a signal
+    while the process starts ends it at once with one line and 128 + the signal number (nothing has been
+    written yet). `raise_on_signals` and `supervise` replace it once they can do better."""
+
+    def handler(signum: int, frame: object) -> None:
+        print(f"{prog}: interrupted ({signal.Signals(signum).name}) while starting; nothing was written",
+              file=sys.stderr)
+        hard_exit(exit_code(signum))
+
+    for s in SIGNALS:
+        signal.signal(s, handler)
+
+
 def raise_on_signals() -> None:
     """Outside a supervised run, SIGINT and SIGTERM raise Interrupted (reported as one line)."""
 

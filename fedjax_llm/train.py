@@ -21,7 +21,12 @@ import os
 import sys
 from typing import Any, Optional
 
-import hydra
+from fedjax_llm.lifecycle import exit_on_signals_while_starting
+
+if __name__ == "__main__":  # python -m fedjax_llm.train (the console script installs it in cli.train)
+    exit_on_signals_while_starting("fedjax-llm-train")
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
