@@ -137,6 +137,10 @@ def make_round_compute(local_update: Callable, reducer: Reducer, transform: Call
             return reducer.accumulate(acc, out, x.onehot), (out.loss_sum, out.tokens, out.finite, state, kept)
 
         acc, per_client = jax.lax.scan(chunk_step, acc0, local)
+        if MODEL in mesh.axis_names:
+            # XLA's partitioner cannot all-reduce over the manual axis a value it keeps split over the
+            # automatic one: gather the accumulators over the model axis first
+            acc = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, P()), acc)
         acc = reducer.combine(acc, AXIS)
         return (acc,) + jax.tree.map(lambda a: a[None], per_client)
 

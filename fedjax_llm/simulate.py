@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from fedjax_llm import aggregator as agg_half
 from fedjax_llm import distributed, participation
+from fedjax_llm.errors import ConfigError
 from fedjax_llm.aggregate.lora_round import client_ranks, effective_frozen
 from fedjax_llm.aggregator import AggregatorSpec, AggregatorState, SecureSumSpec
 from fedjax_llm.algorithms import Algorithm, LoRAScheme, build_algorithm, server_update
@@ -98,12 +99,13 @@ def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:
     if model <= 1:
         n = num_devices or len(devices)
         if n > len(devices):
-            raise ValueError(f"run.devices: asked for {n} devices, only {len(devices)} available")
+            raise ConfigError(f"run.devices: asked for {n} devices, only {len(devices)} available")
         return Mesh(np.array(devices[:n]), (AXIS,))
     clients = num_devices or len(devices) // model
     if clients < 1 or clients * model > len(devices):
-        raise ValueError(f"run.mesh: {clients} clients x {model} model = {clients * model} devices, only "
-                         f"{len(devices)} available")
+        raise ConfigError(f"run.mesh: {max(clients, 1)} client slot(s) x model {model} needs "
+                          f"{max(clients, 1) * model} devices, {len(devices)} available (on CPU, "
+                          "XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
     return Mesh(np.array(devices[:clients * model]).reshape(clients, model), (AXIS, MODEL))
 
 
