@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_round import WORKLOADS, Workload, _median_rate, make_config, synthetic_data  # noqa: E402
 
 from fedjax_llm import config as C  # noqa: E402
+from fedjax_llm.validation import validate  # noqa: E402
 from fedjax_llm.algorithms import make_rule  # noqa: E402
 from fedjax_llm.client import init_client_state  # noqa: E402
 from fedjax_llm.models.params import count_params, init_model  # noqa: E402
@@ -47,7 +48,7 @@ def one_cloud(w: Workload, algo: dict) -> C.TrainConfig:
     cfg = make_config(w, 0)
     cfg.clouds = C.CloudsConfig(members={"cloud0": C.CloudConfig(clients=w.K)})
     cfg.algorithm = C.AlgorithmConfig(name="bench", **algo)
-    return C.validate(cfg)
+    return validate(cfg)
 
 
 def round_table(names, rounds: int) -> None:

@@ -10,7 +10,13 @@ centralized training on the same tokens, in one process, with ratios.
 (b) loop    = a Python loop over clients, each a jitted lax.scan of S optimizer steps, then a jitted
               weighted-delta accumulation: the straightforward way to write FedAvg in JAX.
 (c) central = one jitted lax.scan of K*S steps of batch B over the same tokens: no federation at all.
+(d) ideal   = (b) with a minimal Llama step written plainly in experiments/ideal_llama.py, independent of
+              fedjax_llm.models (no masks, dropout or split/merge; same shapes and optimizer).
+(e) ideal central = (c) with that step.
 Each figure is the median of --rounds timed rounds after one warm-up round (compilation excluded).
+MFU: model FLOPs per token (ideal_llama.flops_per_token: 6 x matmul params + 12 x layers x seq x width;
+4 x the matmul params of a frozen base) x tokens/s, against the f32 matmul rate (2048^3) measured in the
+same process.
 """
 from __future__ import annotations
 
@@ -29,10 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_llm import config as C
-from fedjax_llm.client import client_optimizer, make_lm_loss
-from fedjax_llm.data.federated import FederatedData
-from fedjax_llm.server import Federation
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ideal_llama import IdealLlama, count, flops_per_token  # noqa: E402
+
+from fedjax_llm import config as C  # noqa: E402
+from fedjax_llm.validation import validate  # noqa: E402
+from fedjax_llm.client import client_optimizer, make_lm_loss  # noqa: E402
+from fedjax_llm.data.federated import FederatedData  # noqa: E402
+from fedjax_llm.models.spec import SIZES  # noqa: E402
+from fedjax_llm.server import Federation  # noqa: E402
 
 WORKLOADS = {
     # name: (size, vocab, seq, K, S, B, lora)
@@ -68,7 +79,7 @@ def make_config(w: Workload, chunk: int) -> C.TrainConfig:
     cfg.client = C.ClientConfig(local_steps=w.S, batch_size=w.B, optimizer="adamw", lr=1e-3,
                                 grad_clip=1.0, clients_per_chunk=chunk)
     cfg.checkpoint = C.CheckpointConfig(enabled=False)
-    return C.validate(cfg)
+    return validate(cfg)
 
 
 class _FixedTokenizer:
@@ -187,6 +198,88 @@ def central_runner(w: Workload, fed: Federation):
     return one
 
 
+def ideal_model(w: Workload) -> IdealLlama:
+    d, layers, heads, kv, ffn = SIZES[w.size]
+    return IdealLlama(vocab=w.vocab, d=d, layers=layers, heads=heads, kv_heads=kv, ffn=ffn,
+                      lora_rank=8 if w.lora else 0)
+
+
+def _ideal_parts(w: Workload, fed: Federation):
+    ideal = ideal_model(w)
+    params = ideal.init(jax.random.key(0))
+    assert count(params) == count(fed.init_state().params) + count(fed.frozen), \
+        ("the ideal model must have the engine's parameters", count(params), count(fed.init_state().params) + count(fed.frozen))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.0))
+    trainable, frozen = ideal.split(params)
+    return ideal, opt, trainable, frozen, jnp.asarray(fed.data.tokens)
+
+
+def ideal_loop_runner(w: Workload, fed: Federation):
+    """(d): per-client jitted scan of the plain step, weighted deltas, Python loop over clients."""
+    ideal, opt, trainable, frozen, tokens = _ideal_parts(w, fed)
+    step = ideal.train_step(opt)
+    tokens = tokens.reshape(w.K, w.S, w.B, w.seq)
+
+    @jax.jit
+    def train_client(params, toks_SxBxT):
+        carry, _ = jax.lax.scan(lambda c, t: (step(c, frozen, t), None), (params, opt.init(params)), toks_SxBxT)
+        return carry[0]
+
+    @jax.jit
+    def accumulate(acc, new, params):
+        return jax.tree.map(lambda a, n, p: a + (n - p), acc, new, params)
+
+    @jax.jit
+    def apply_mean(params, acc):
+        return jax.tree.map(lambda p, a: p + a / w.K, params, acc)
+
+    box = {"params": trainable}
+
+    def one():
+        params = box["params"]
+        acc = jax.tree.map(jnp.zeros_like, params)
+        for k in range(w.K):
+            acc = accumulate(acc, train_client(params, tokens[k]), params)
+        box["params"] = apply_mean(params, acc)
+        jax.block_until_ready(box["params"])
+
+    return one
+
+
+def ideal_central_runner(w: Workload, fed: Federation):
+    """(e): one jitted scan of K*S plain steps."""
+    ideal, opt, trainable, frozen, tokens = _ideal_parts(w, fed)
+    step = ideal.train_step(opt)
+    tokens = tokens.reshape(w.K * w.S, w.B, w.seq)
+
+    @jax.jit
+    def train(carry):
+        return jax.lax.scan(lambda c, t: (step(c, frozen, t), None), carry, tokens)[0]
+
+    box = {"carry": (trainable, opt.init(trainable))}
+
+    def one():
+        box["carry"] = train(box["carry"])
+        jax.block_until_ready(box["carry"])
+
+    return one
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """f32 GFLOP/s of an n^3 matmul in this process (best of reps)."""
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, a))
+    best = min(_timed(lambda: jax.block_until_ready(f(a, a))) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_workload(w: Workload, rounds: int, chunks: list[int]) -> dict:
     out = {"workload": w.name, "tokens_per_round": w.tokens_per_round}
     fed = None
@@ -199,8 +292,16 @@ def bench_workload(w: Workload, rounds: int, chunks: list[int]) -> dict:
         out.setdefault("engine_layout", list(fed_c.layout.shape))
     out["loop"], _ = _median_rate(loop_runner(w, fed), w.tokens_per_round, rounds)
     out["central"], _ = _median_rate(central_runner(w, fed), w.tokens_per_round, rounds)
+    out["ideal"], _ = _median_rate(ideal_loop_runner(w, fed), w.tokens_per_round, rounds)
+    out["ideal_central"], _ = _median_rate(ideal_central_runner(w, fed), w.tokens_per_round, rounds)
     out["engine/loop"] = out["engine"] / out["loop"]
     out["engine/central"] = out["engine"] / out["central"]
+    out["engine/ideal"] = out["engine"] / out["ideal"]
+    out["engine/ideal_central"] = out["engine"] / out["ideal_central"]
+    out["peak_gflops"] = matmul_peak()
+    out["flops_per_token"] = flops_per_token(ideal_model(w), w.seq - 1)
+    for name in ("engine", "ideal"):
+        out[f"mfu_{name}"] = out[name] * out["flops_per_token"] / (out["peak_gflops"] * 1e9)
     return out
 
 
@@ -230,7 +331,8 @@ def main() -> None:
         return scaling_child(args.child_k, args.rounds)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
           f"{os.cpu_count()} CPUs; median of {args.rounds} rounds after a warm-up")
-    header = f"{'workload':<14}{'engine tok/s':>14}{'loop tok/s':>12}{'central tok/s':>15}{'eng/loop':>10}{'eng/central':>13}  chunks"
+    header = (f"{'workload':<14}{'engine tok/s':>14}{'loop tok/s':>12}{'central tok/s':>15}{'eng/loop':>10}"
+              f"{'eng/central':>13}{'eng/ideal':>11}{'eng/ideal-c':>13}{'MFU eng':>9}{'MFU ideal':>11}  chunks")
     rows = []
     for name in args.workloads:
         w = Workload(name, *WORKLOADS[name])
@@ -238,7 +340,9 @@ def main() -> None:
         rows.append(r)
         chunk_rates = " ".join(f"{k[12:]}={v:,.0f}" for k, v in r.items() if k.startswith("engine_chunk"))
         print(f"{name:<14}{r['engine']:>14,.0f}{r['loop']:>12,.0f}{r['central']:>15,.0f}"
-              f"{r['engine/loop']:>9.2f}x{r['engine/central']:>12.2f}x  {chunk_rates}", flush=True)
+              f"{r['engine/loop']:>9.2f}x{r['engine/central']:>12.2f}x{r['engine/ideal']:>10.2f}x"
+              f"{r['engine/ideal_central']:>12.2f}x{r['mfu_engine']:>9.1%}{r['mfu_ideal']:>11.1%}  {chunk_rates}"
+              f"  (f32 matmul {r['peak_gflops']:.0f} GFLOP/s)", flush=True)
     if rows:
         print(header)
     if args.scaling:

@@ -113,6 +113,7 @@ def bench_round_share(rounds: int, workload: str = "W-small") -> None:
     from bench_round import WORKLOADS, Workload, make_config, synthetic_data
 
     from fedjax_llm import config as C
+    from fedjax_llm.validation import validate
     from fedjax_llm.secure.round import make_channel
     from fedjax_llm.server import Federation
 
@@ -131,7 +132,7 @@ def bench_round_share(rounds: int, workload: str = "W-small") -> None:
                                ("sealed + secagg (both)", True, "both")):
         g = C.SecAggConfig(enabled=scope is not None, scope=scope or "clouds")
         cfg = dataclasses.replace(base, secure=C.SecureConfig(seal=seal, secagg=g))
-        cfg = C.validate(cfg)
+        cfg = validate(cfg)
         channel, _ = make_channel(cfg.secure, data.cloud_names, tempfile.mkdtemp(), "bench")
         fed = Federation(cfg, data, channel=channel)
         state, _ = fed.run_round(fed.init_state())  # warm-up: compilation

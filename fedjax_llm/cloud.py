@@ -120,7 +120,13 @@ def _settle(state: CloudState, counted_round: int) -> Any:
         return state.client_states
     slots = np.asarray(p.slots)
     keep = np.flatnonzero(slots >= 0)
-    return jax.tree.map(lambda old, new: old.at[slots[keep]].set(new[keep]), state.client_states, p.states)
+
+    def put(old: Any, new: Any) -> np.ndarray:  # on the host: eager device scatters would compile per shape
+        out = np.array(old)
+        out[slots[keep]] = np.asarray(new)[keep]
+        return out
+
+    return jax.tree.map(put, state.client_states, p.states)
 
 
 def describe(cloud: Cloud, local: int) -> str:
@@ -157,7 +163,7 @@ def round_inputs(cloud: Cloud, state: CloudState, cohort: participation.Cohort,
         task_inputs["labels"] = pad(labels)
     inputs = RoundInputs(batches=ClientBatches(inputs=task_inputs, step_mask=pad(step_mask)), keys=pad(keys[ids]),
                          weights=pad(weights), onehot=pad(np.ones((K, 1), np.float32)), attacked=pad(attacked),
-                         state=jax.tree.map(lambda s: s[slots], state.client_states))
+                         state=jax.tree.map(lambda s: np.asarray(s)[slots], state.client_states))
     return inputs, rb.cursors[cloud.members]
 
 
@@ -237,7 +243,7 @@ def cloud_step(cloud: Cloud, state: CloudState, msg: GlobalMsg,
     counted = finite & (weights > 0) & (not error)
     report = _report(cloud, rnd, ids, cohort, ~finite & (weights > 0), error, S)
     pending = Pending(round=jnp.int32(rnd), slots=_slots(cloud.capacity, ids, counted),
-                      states=jax.tree.map(lambda s: s[:cloud.capacity], result.state))
+                      states=jax.tree.map(lambda s: np.asarray(s)[:cloud.capacity], result.state))
     new_state = state.replace(key=jax.random.key_data(key), cursors=cursors, pending=pending,
                               last_round=jnp.int32(rnd))
     if secure is None:

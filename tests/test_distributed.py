@@ -55,7 +55,7 @@ def _start_pair(args, env, tmp_path, tag, port=None):
     for i in range(2):
         log = open(tmp_path / f"{tag}{i}.log", "w")
         extra = ["run.distributed=explicit", f"run.coordinator_address=localhost:{port}", "run.num_processes=2",
-                 f"run.process_id={i}", "run.distributed_timeout_s=60"]
+                 f"run.process_id={i}", "run.distributed_timeout_s=180"]  # slow starts on a loaded machine
         procs.append(subprocess.Popen(_cmd(args + extra), env=_env(env, 2), stdout=log, stderr=subprocess.STDOUT))
     return procs
 
