@@ -295,7 +295,8 @@ def format_plan(plan: Plan) -> str:
         lines.append("  per-device memory (analytic):")
         for label, value in (("params", m.params), ("optimizer + client state", m.state),
                              ("activations", m.activations), ("temporaries", m.temporaries)):
-            lines.append(f"    {label:<26}{hb(value):>12}")
+            share = f"  (attention scores {hb(m.scores)} of it)" if label == "activations" and m.scores else ""
+            lines.append(f"    {label:<26}{hb(value):>12}{share}")
         verdict = "fits" if c.fits else "DOES NOT FIT"
         lines.append(f"    {'peak':<26}{hb(m.peak):>12}  -> {verdict} in {hb(plan.layout.budget)}")
         lines.append(f"    {'peak, per-layer remat':<26}{hb(m.peak_remat):>12}  (not in the engine yet: "
@@ -305,6 +306,7 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"    largest client.clients_per_chunk that fits: "
                          f"{best if best else 'none (not even 1 client)'}; with remat: "
                          f"{c.largest_chunk_remat or 'none'}")
+            lines.append(f"    one client per chunk: peak {hb(c.peak_one)}, with remat {hb(c.peak_one_remat)}")
         if c.compiled:
             x = c.compiled
             lines.append(f"  compiled (XLA, {plan.layout.device.platform}): arguments {hb(x['arguments'])}, temp "

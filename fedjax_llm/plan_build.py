@@ -258,15 +258,17 @@ def _status() -> dict[str, int]:
 
 
 def measure_round(ab: Abstract, cloud: CloudPlan, mesh: Mesh) -> int:
-    """Peak resident bytes the compiled round adds while it runs once on zeros (Linux: the high-water mark
-    is reset through /proc/self/clear_refs first). Run under MALLOC_MMAP_THRESHOLD_=65536 so that freed
-    buffers leave the resident set and the figure is the compute's own."""
+    """Peak resident bytes the compiled round adds while it runs on zeros: one warm-up run (the runtime's
+    one-time allocations: thread pools, scratch), then the high-water mark is reset through
+    /proc/self/clear_refs (Linux) and a second run is measured. Run under MALLOC_MMAP_THRESHOLD_=65536
+    so that freed buffers leave the resident set and the figure is the compute's own."""
     compiled = lower_round(ab, cloud, mesh).compile()
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
     zeros = lambda t, sh: jax.tree.map(lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), sh), t)  # noqa: E731
     args = (zeros(ab.trainable, rep), zeros(ab.frozen, rep), zeros(ab.broadcast, rep),
             zeros(round_inputs(ab, cloud.layout), split), zeros(hparams(), rep))
-    jax.block_until_ready(args)
+    warm = jax.jit(lambda x: jax.lax.fori_loop(0, 2, lambda i, y: jnp.tanh(y @ y), x))
+    jax.block_until_ready(warm(jnp.ones((512, 512), jnp.float32)))  # the runtime's thread pools and scratch
     before = _status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -34,11 +34,15 @@ time, its clients padded to devices x chunks x chunk, one chunk of clients train
   (Korthikanti et al., 2022, "Reducing Activation Recomputation in Large Transformer Models", count
   the same tensors; here norms and softmax run in f32 as the modules do):
     Llama layer: 2 RMSNorms x (4D f32 input + cD output) + q,k,v (Nh + 2Kh)c + RoPE'd q,k (Nh + Kh)c
-                 + scores and probabilities 2 x 4NT (f32, XLA's dot_product_attention: no flash
-                 kernel, the full T x T scores) + context Nh c + SwiGLU gate, up, silu, product 4Fc
-    GPT-2 layer: 2 LayerNorms x (4D + cD) + c_attn 3Dc + 2 x 4NT + context Dc + GELU in/out 2Fc
-    BERT layer:  q,k,v 3Dc + 2 x 4NT + context Dc + 2 LayerNorms x (4D + cD) + GELU in/out 2Fc
-    + per adapted projection r c (x A), + 1 byte per element of every active dropout mask
+                 + scores 13NT (+ cNT if c < 4) + context Nh c + SwiGLU gate, up, silu 3Fc + product Fc
+    GPT-2 layer: 2 LayerNorms x (4D + cD) + c_attn 3Dc + scores + context Dc + GELU in/out 2Fc
+    BERT layer:  q,k,v 3Dc + scores + context Dc + 2 LayerNorms x (4D + cD) + GELU in/out 2Fc
+    scores: jax.nn.dot_product_attention's XLA implementation (no flash kernel) keeps the full T x T
+    logits, their exp and the probabilities in f32 and the causal mask (1 byte): 13NT, plus the
+    probabilities in compute dtype when c < 4; + per adapted projection r c (x A), + 1 byte per
+    element of every active dropout mask. A matmul input (a norm output cD, the context Nh c, the
+    SwiGLU product Fc) is kept only when the matmul's weight or its adapter trains: with LoRA the
+    frozen ones need no weight gradient, and XLA drops what nothing reads.
     top: embedding output Dc (+ its LayerNorm), final norm 4D + cD, and for a causal LM the f32
     logits and log-softmax 2 x 4V per token (the gradient of the logits, 4V, is a temporary).
   With per-layer rematerialisation (jax.checkpoint around each layer; not in the engine today, shown
@@ -47,6 +51,11 @@ time, its clients padded to devices x chunks x chunk, one chunk of clients train
   (4 token + 4 mask bytes), labels), and the round's outputs (f32 per-cloud aggregate, per-client
   figures and states). Peak = params + state + max(backward: activations + temporaries, the
   optimizer update: one more copy of params and optimizer state per client).
+- how it was checked: the inventory above is what jax's autodiff saves (jax.ad_checkpoint's
+  saved_residuals lists it) minus what XLA drops; on CPU it lands within 20 % of XLA's compiled
+  memory analysis and of the peak resident memory measured while the round runs (tests/test_plan.py,
+  README "Planning a run"). On GPU and TPU, XLA may rematerialise by itself when a program exceeds
+  device memory, so there the figure without remat is an upper bound.
 
 FLOPs per round (a multiply-add is 2 FLOPs; Kaplan et al., 2020, section 2.1, for 2 per weight per
 token forward and 4 backward):
@@ -220,11 +229,23 @@ def _kept_inputs(spec: ModelSpec, a: Arch, names: tuple[str, ...]) -> bool:
     return any(_adapted(spec, p) for p in a.projs if p.name in names and p.count == a.layers)
 
 
+def _score_bytes(a: Arch, T: int, c: int) -> int:
+    """Per token of a layer: the attention logits, their exp and the probabilities in f32, the mask,
+    and the probabilities cast to the compute dtype (c < 4): what jax.nn.dot_product_attention keeps."""
+    return 3 * F32 * a.heads * T + a.heads * T + (c * a.heads * T if c < F32 else 0)
+
+
+def score_bytes(spec: ModelSpec, T: int, sequences: int) -> float:
+    """The attention scores' share of activation_bytes (no remat)."""
+    a = arch(spec)
+    return float(sequences * T * a.layers * _score_bytes(a, T, DTYPE_BYTES[spec.compute_dtype]))
+
+
 def _layer_bytes(spec: ModelSpec, a: Arch, T: int, c: int) -> float:
     """Bytes the backward pass keeps per token of one layer (module docstring)."""
     d, n, k, h, f = a.d, a.heads, a.kv_heads, a.head_dim, a.ffn
     keep = lambda *names: _kept_inputs(spec, a, names)  # noqa: E731
-    scores = 3 * F32 * n * T + n * T + (c * n * T if c < F32 else 0)  # logits, exp, probs (f32), mask
+    scores = _score_bytes(a, T, c)
     p_attn, p_hidden, _ = a.dropouts
     masks = (n * T if p_attn > 0 else 0) + (2 * d if p_hidden > 0 else 0)
     if a.family == "llama":
@@ -291,6 +312,7 @@ class Memory:
     activations: float
     temporaries: float
     update: float         # extra during the optimizer update (new params and state before the step mask)
+    scores: float         # the attention scores' share of the activations
     remat_activations: float
     arguments: float      # what the compiled round takes as arguments (params, broadcast, inputs, states)
     outputs: float
@@ -329,7 +351,7 @@ def round_memory(spec: ModelSpec, *, counts: ParamCounts, T: int, seq_len: int, 
     update = chunk * (1 + opt) * trainable + inputs + output_bytes
     arguments = params - gathered + broadcast_bytes + inputs + slots * client_state_bytes
     return Memory(params=params, state=state, activations=acts, temporaries=temps, update=update,
-                  remat_activations=remat, arguments=arguments, outputs=output_bytes)
+                  scores=chunk * score_bytes(spec, T, batch), remat_activations=remat, arguments=arguments, outputs=output_bytes)
 
 
 def largest_chunk(fits: "callable", per_device: int) -> Optional[int]:
