@@ -168,3 +168,34 @@ def test_cli_errors_name_the_option(capsys):
     assert "--device: 'h100' is not one of" in capsys.readouterr().err
     assert main(["--devices", "8", "--model-axis", "3", "task=dialog"]) == 2
     assert "--model-axis: 3 does not divide --devices 8" in capsys.readouterr().err
+
+
+def test_a_bad_override_is_one_line_naming_the_key(capsys):
+    assert main(["task=dialog", "client.batch_size=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "client.batch_size: must be >= 1" in err[0], err
+    assert main(["task=dialog", "model.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.nope: not a config key" in err[0], err
+
+
+# ----- a model axis (section 2's run.mesh.model, FSDP-style): the planner takes M as an input -------------
+@pytest.mark.parametrize("name", ["nano", "nano-lora"])
+def test_a_model_axis_divides_the_sharded_bytes_per_device(name):
+    """Per-device bytes of the frozen base (and, for full fine-tuning, of the trainable weights, their
+    gradients and optimizer state) fall by M, against byte counts of the real model's arrays."""
+    cfg = compose(["task=dialog", *ONE_CLOUD, *SMALL[name]])
+    spec = spec_from_config(cfg, cfg.data.vocab_size, None)
+    _, trainable, frozen = init_model(spec, jax.random.key(0))
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    full = count_params(frozen) == 0
+    plans = {m: make_plan(cfg, make_layout("cpu", devices=4, model=m), source="analytic").clouds[0].memory
+             for m in (1, 4)}
+    gathered = 2 * pm.gathered_layer_bytes(spec)  # the layer an FSDP step gathers (and the next one)
+    sharded = nbytes(trainable) if full else nbytes(frozen)
+    assert plans[1].params == nbytes(frozen) + nbytes(trainable)
+    assert plans[4].params - gathered == pytest.approx(plans[1].params - sharded * 3 / 4)
+    # AdamW: a client's local params, gradients, mu and nu (4 copies) and the f32 per-cloud sum
+    copies = 4 * nbytes(trainable) + 4 * count_params(trainable)
+    expected = plans[1].state - (copies * 3 / 4 if full else 0)
+    assert plans[4].state == pytest.approx(expected)
