@@ -15,7 +15,7 @@ wraps `cloud.round_inputs` and `distributed.put_rows` to count bytes and then ca
   round), and the bytes of the rows it put on its own devices (1 process: the whole cohort; 2 processes:
   `distributed.put_rows`' local rows);
 - the final train loss of both layouts (the same run: equal up to the reduction order).
-Then `fedjax-llm-plan experiment=flowertune_mistral7b --device h200` is timed end to end (a fresh
+Then `fedjax-llm-plan +plan=flowertune_mistral7b --device h200` is timed end to end (a fresh
 process: imports, config composition, the abstract build of the 7B round, the printout).
 Writes experiments/results/scale/{results.json, scale.md}.
 """
@@ -135,7 +135,7 @@ def run_layout(label: str, processes: int, devices: int, args: list[str], work: 
 
 def time_planner() -> dict:
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fedjax_llm.plan", "experiment=flowertune_mistral7b",
+    done = subprocess.run([sys.executable, "-m", "fedjax_llm.plan", "+plan=flowertune_mistral7b",
                            "--device", "h200"], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -181,7 +181,7 @@ def main() -> None:
                    load_average=os.getloadavg())
     if not a.no_planner:
         results["planner"] = plan = time_planner()
-        lines.append(f"planner, fedjax-llm-plan experiment=flowertune_mistral7b --device h200: "
+        lines.append(f"planner, fedjax-llm-plan +plan=flowertune_mistral7b --device h200: "
                      f"{plan['seconds']:.1f} s end to end (exit {plan['exit']}; goal < 120 s)")
     text = "\n".join(lines)
     print(text)

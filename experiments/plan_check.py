@@ -8,7 +8,7 @@
 of 3 clients, 4 AdamW steps of 16 x 64 tokens) on this CPU, each in a fresh process run with
 MALLOC_MMAP_THRESHOLD_=65536 (freed buffers leave the resident set at once): the analytic figures, XLA's
 memory and cost analysis of the compiled round, and the resident memory the round adds while it runs.
---flowertune plans `experiment=flowertune_mistral7b` (config.json only) on 1 x H200, 8 x A100-80GB
+--flowertune plans `+plan=flowertune_mistral7b` (config.json only) on 1 x H200, 8 x A100-80GB
 and a 4-host TPU v5e-16 with and without a model axis, and times the command end to end.
 Writes experiments/results/plan/{small.md, flowertune.md, results.json}.
 """
@@ -83,11 +83,11 @@ def flowertune() -> tuple[dict, str]:
     timing = {}
     for label, extra in (("plan", []), ("plan with --hlo-flops", ["--hlo-flops"])):
         t0 = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "fedjax_llm.plan", "experiment=flowertune_mistral7b",
+        done = subprocess.run([sys.executable, "-m", "fedjax_llm.plan", "+plan=flowertune_mistral7b",
                                "--device", "h200", *extra], env=env, cwd=ROOT, capture_output=True, text=True)
         timing[label] = time.perf_counter() - t0
         print(done.stdout, f"{label}: {timing[label]:.1f} s wall, exit {done.returncode}", sep="\n", flush=True)
-    cfg = compose(["experiment=flowertune_mistral7b"])
+    cfg = compose(["+plan=flowertune_mistral7b"])
     plans, rows = [], []
     for label, device, n, hosts, m, split in LAYOUTS:
         plan = make_plan(cfg, make_layout(device, n, hosts, m, batch_over_model=split))

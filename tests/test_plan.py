@@ -153,7 +153,7 @@ def test_7b_plan_from_config_json_alone_says_it_does_not_fit_a_small_device(tmp_
     shutil.copy(MISTRAL, tmp_path / "config.json")
     assert os.listdir(tmp_path) == ["config.json"]  # no weights, no tokenizer
     argv = ["--device", "a100-80gb", "--memory", "10e9", "--json", str(tmp_path / "plan.json"),
-            "experiment=flowertune_mistral7b", f"model.path={tmp_path}"]
+            "+plan=flowertune_mistral7b", f"model.path={tmp_path}"]
     code = main(argv)
     out = capsys.readouterr().out
     assert code == 3 and "DOES NOT FIT" in out and "verdict: does not fit" in out, out
