@@ -354,7 +354,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=float, help="bytes per device (instead of the device table's)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--hosts", type=int, default=1)
-    p.add_argument("--model-axis", type=int, default=1, help="M of a clients x model mesh (analytic)")
+    p.add_argument("--model-axis", type=int, help="M of a clients x model mesh (analytic; default: the "
+                   "config's run.mesh.model where it has one, else 1)")
     p.add_argument("--batch-over-model", action="store_true", help="the model axis also splits each batch")
     p.add_argument("--usable", type=float, help=f"usable share of device memory (default {USABLE})")
     p.add_argument("--source", default="auto", help="auto | analytic | compiled")
@@ -363,6 +364,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-labels", type=int, help="classification: labels (default len(data.categories) or 2)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     return p
+
+
+def _config_model_axis(cfg: TrainConfig) -> int:
+    """run.mesh.model of the config (section 2's model axis, on its own branch while this was written);
+    1 for a config without one."""
+    mesh = getattr(cfg.run, "mesh", None)
+    return int(getattr(mesh, "model", 1) or 1)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -377,9 +385,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         bad = [o for o in overrides if o.startswith("-")]
         if bad:
             raise ConfigError(f"{bad[0]}: not an option of {PROG} (see --help); overrides are key=value")
-        layout = make_layout(args.device, args.devices, args.hosts, args.model_axis, args.memory, args.usable,
+        cfg = compose(overrides)
+        model = args.model_axis if args.model_axis is not None else _config_model_axis(cfg)
+        layout = make_layout(args.device, args.devices, args.hosts, model, args.memory, args.usable,
                              args.batch_over_model)
-        plan = make_plan(compose(overrides), layout, source=args.source, num_labels=args.num_labels,
+        plan = make_plan(cfg, layout, source=args.source, num_labels=args.num_labels,
                          hlo_flops=args.hlo_flops, measure=args.measure)
         print(format_plan(plan))
         if args.json:
