@@ -28,91 +28,9 @@ from typing import Any, Optional
 from fedjax_llm import plan_model as pm
 from fedjax_llm.config import TrainConfig
 from fedjax_llm.errors import ConfigError
+from fedjax_llm.plan_devices import DEVICES, USABLE, Layout, local_layout, make_layout
 
 PROG = "fedjax-llm-plan"
-
-
-@dataclasses.dataclass(frozen=True)
-class Device:
-    """One accelerator kind: memory per device and dense peak FLOP/s (vendor figures)."""
-
-    name: str
-    platform: str              # the jax backend that runs it: gpu | tpu | cpu
-    memory: float              # bytes per device
-    bf16_flops: Optional[float]
-    f32_flops: Optional[float]
-    source: str
-
-
-def _host_memory() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            return float(next(int(x.split()[1]) * 1024 for x in f if x.startswith("MemTotal:")))
-    except (OSError, StopIteration):
-        return 0.0
-
-
-DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("h200", "gpu", 141e9, 989e12, 67e12, "NVIDIA H200 SXM datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16"),
-    Device("a100-80gb", "gpu", 80e9, 312e12, 19.5e12, "NVIDIA A100 80GB SXM datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16"),
-    Device("tpu-v5e", "tpu", 16 * 2 ** 30, 197e12, None, "Cloud TPU v5e docs: 16 GiB HBM2, 197 TFLOP/s BF16 per chip"),
-    Device("cpu", "cpu", _host_memory(), None, None, "this machine: MemTotal of /proc/meminfo"),
-)}
-USABLE = 0.9  # of device memory: headroom for the runtime, workspaces and fragmentation (an assumption)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """The devices a run gets: `devices` of one kind on `hosts` hosts, as a clients x model mesh.
-
-    clients: the engine's axis today; each position trains its share of a cloud's cohort.
-    model: M > 1 is section 2's axis, assumed FSDP-style: the frozen base (and for full fine-tuning the
-    trainable weights, their gradients and optimizer state) split M ways, one layer gathered at a
-    time. A client's batch stays whole on every device of its model group (activations and compute
-    per device as with M = 1) unless `batch_over_model`, where each device takes B/M of its rows.
-    """
-
-    device: Device
-    devices: int = 1
-    hosts: int = 1
-    clients: int = 1
-    model: int = 1
-    usable: float = USABLE
-    batch_over_model: bool = False
-
-    @property
-    def budget(self) -> float:
-        return self.device.memory * self.usable
-
-    def describe(self) -> str:
-        mesh = f"clients={self.clients} x model={self.model}"
-        per_host = f", {self.devices // self.hosts} per host" if self.hosts > 1 else ""
-        split = ", batch split over model" if self.batch_over_model and self.model > 1 else ""
-        return (f"{self.devices} x {self.device.name} ({pm.human_bytes(self.device.memory)}, "
-                f"{self.usable:.0%} usable = {pm.human_bytes(self.budget)}) on {self.hosts} host(s){per_host}; "
-                f"mesh {mesh}{split}")
-
-
-def make_layout(device: str = "cpu", devices: int = 1, hosts: int = 1, model: int = 1,
-                memory: Optional[float] = None, usable: Optional[float] = None,
-                batch_over_model: bool = False) -> Layout:
-    """A checked Layout; errors name the option."""
-    if device not in DEVICES:
-        raise ConfigError(f"--device: {device!r} is not one of {sorted(DEVICES)} (or give --memory BYTES)")
-    kind = DEVICES[device]
-    if memory is not None:
-        kind = dataclasses.replace(kind, memory=float(memory), source=f"--memory {memory:g}")
-    for name, value in (("--devices", devices), ("--hosts", hosts), ("--model-axis", model)):
-        if value < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {value}")
-    if devices % hosts:
-        raise ConfigError(f"--hosts: {hosts} does not divide --devices {devices}")
-    if devices % model:
-        raise ConfigError(f"--model-axis: {model} does not divide --devices {devices}")
-    if not 0 < (usable if usable is not None else USABLE) <= 1:
-        raise ConfigError(f"--usable: must be in (0, 1], got {usable}")
-    return Layout(kind, devices, hosts, devices // model, model, usable if usable is not None else USABLE,
-                  batch_over_model)
 
 
 @dataclasses.dataclass
@@ -371,6 +289,12 @@ def _config_model_axis(cfg: TrainConfig) -> int:
     1 for a config without one."""
     mesh = getattr(cfg.run, "mesh", None)
     return int(getattr(mesh, "model", 1) or 1)
+
+
+def plan_for_run(cfg: TrainConfig) -> Plan:
+    """run.plan_only=true: the plan of `cfg` on this process's own devices (run.devices of them, all by
+    default), from the compiled round where the engine can build it here."""
+    return make_plan(cfg, local_layout(cfg.run.devices, _config_model_axis(cfg)))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

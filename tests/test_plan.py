@@ -18,7 +18,7 @@ from fedjax_llm.clouds.message import encode
 from fedjax_llm.data.federated import build_federated_data
 from fedjax_llm.models.build import spec_from_config
 from fedjax_llm.models.params import count_params, init_model
-from fedjax_llm.plan import compose, main, make_layout, make_plan
+from fedjax_llm.plan import compose, format_plan, main, make_layout, make_plan
 from fedjax_llm.plan_wire import encoded_size
 from fedjax_llm.secure import compress as C
 from fedjax_llm.secure.round import make_channel
@@ -199,3 +199,19 @@ def test_a_model_axis_divides_the_sharded_bytes_per_device(name):
     copies = 4 * nbytes(trainable) + 4 * count_params(trainable)
     expected = plans[1].state - (copies * 3 / 4 if full else 0)
     assert plans[4].state == pytest.approx(expected)
+
+
+def test_run_plan_only_prints_the_plan_and_trains_nothing(tmp_path):
+    """fedjax-llm-train run.plan_only=true: the planner's printout for this machine (compiled on CPU),
+    the same figures as fedjax-llm-plan's for the same overrides, and no run directory."""
+    overrides = ["task=dialog", "debug=tiny", *ONE_CLOUD]
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run([sys.executable, "-m", "fedjax_llm.train", *overrides, "run.plan_only=true",
+                           f"hydra.run.dir={run_dir}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not run_dir.exists()
+    expected = format_plan(make_plan(compose(overrides), make_layout("cpu")))
+    strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("source:")]  # noqa: E731
+    printed = done.stdout[done.stdout.index("model:"):].strip()
+    assert "source: compiled" in printed and strip(printed) == strip(expected), printed
