@@ -5,7 +5,8 @@
     python experiments/plan_check.py --flowertune    # the Mistral-7B table and the planner's time
 
 --small plans nano, nano + LoRA (q, k, v, o), w-small and w-small + LoRA (q, v) (task=dialog, one cloud
-of 3 clients, 4 AdamW steps of 16 x 64 tokens) on this CPU, each in a fresh process run with
+of 3 clients, 4 AdamW steps of 16 x 64 tokens), and full w-tiny on 2 steps of 3 x 24 tokens (its
+params, gradients and AdamW state outweigh its activations) on this CPU, each in a fresh process run with
 MALLOC_MMAP_THRESHOLD_=65536 (freed buffers leave the resident set at once): the analytic figures, XLA's
 memory and cost analysis of the compiled round, and the resident memory the round adds while it runs.
 --flowertune plans `+plan=flowertune_mistral7b` (config.json only) on 1 x H200, 8 x A100-80GB
@@ -25,7 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SMALL = {"nano": ["model=nano"], "nano + LoRA q,k,v,o": ["model=nano_lora"], "w-small": ["model=w_small"],
-         "w-small + LoRA q,v": ["model=w_small", "model.lora.enabled=true"]}
+         "w-small + LoRA q,v": ["model=w_small", "model.lora.enabled=true"],
+         "w-tiny, 3 x 24 tokens per step": ["debug=tiny", "data.seq_len=24", "client.local_steps=2",
+                                            "client.batch_size=3"]}
 BASE = ["task=dialog", "clouds=custom", "+clouds.members.solo={clients: 3}", "partition=iid"]
 LAYOUTS = [  # (label, device, devices, hosts, model axis, batch split over the model axis)
     ("1 x H200", "h200", 1, 1, 1, False),

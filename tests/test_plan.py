@@ -28,10 +28,12 @@ from tests.conftest import compose_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISTRAL = os.path.join(ROOT, "experiments", "plan", "mistral-7b-v0.3", "config.json")
-# Two small configs, full and LoRA (nano_lora adapts q, k, v, o; w-small's default targets are q, v);
-# one cloud of three clients, so one compiled round covers the plan.
+# Small configs, full and LoRA (nano_lora adapts q, k, v, o; w-small's default targets are q, v), and one
+# whose state outweighs its activations; one cloud of three clients, so one compiled round covers the plan.
 SMALL = {"nano": ["model=nano"], "nano-lora": ["model=nano_lora"], "w-small": ["model=w_small"],
-         "w-small-lora": ["model=w_small", "model.lora.enabled=true"]}
+         "w-small-lora": ["model=w_small", "model.lora.enabled=true"],
+         # full w-tiny on 3 x 24 tokens per step: params, gradients and AdamW state outweigh activations
+         "w-tiny-state": ["debug=tiny", "data.seq_len=24", "client.local_steps=2", "client.batch_size=3"]}
 ONE_CLOUD = ["clouds=custom", "+clouds.members.solo={clients: 3}", "partition=iid"]
 TOLERANCE = 0.2
 
