@@ -1,7 +1,7 @@
 """fedjax-llm-plan: will a run fit its devices, and what does one round cost, before it is queued.
 
     fedjax-llm-plan [--device h200|a100-80gb|tpu-v5e|cpu] [--memory BYTES] [--devices N] [--hosts H]
-                    [--model-axis M] [--batch-over-model] [--usable F] [--source auto|analytic|compiled]
+                    [--model-axis M] [--[no-]batch-over-model] [--usable F] [--source auto|analytic|compiled]
                     [--hlo-flops] [--measure] [--num-labels N] [--json FILE] [--verbose] OVERRIDES...
 
 OVERRIDES are the training app's (`conf/train.yaml` composed and validated the same way). The round
@@ -12,8 +12,8 @@ every hop (the downlink to the cloud and its uplink, sealed as the run would sea
 from the compiled round's `memory_analysis()` / `cost_analysis()` where the target backend is present
 (with this machine's devices), and otherwise from the analytic model (`plan_model`, formulas in its
 docstring). The device layout is an input (`Layout`: devices, their memory, hosts, a clients x model
-mesh), so a model axis and multi-process layouts plug in; the engine itself has only the clients axis
-today, so plans with a model axis are analytic, under the sharding `Layout` states.
+mesh), so a model axis (run.mesh.model) and multi-process layouts plug in; with M > 1 the compiled
+analysis places the round as the engine does (FSDP-style shardings of the base and the global params).
 """
 from __future__ import annotations
 
@@ -117,10 +117,10 @@ def make_plan(cfg: TrainConfig, layout: Layout, *, source: str = "auto", vocab_s
     from fedjax_llm.clouds.transport import AGGREGATOR
 
     present = jax.default_backend() == layout.device.platform
-    why_not = ("the engine has no model axis yet" if layout.model > 1 else
-               None if present and len(jax.devices()) >= layout.clients else
+    needed = layout.clients * layout.model
+    why_not = (None if present and len(jax.devices()) >= needed else
                f"this process has {len(jax.devices())} {jax.default_backend()} device(s), the layout needs "
-               f"{layout.clients} {layout.device.platform}")
+               f"{needed} {layout.device.platform}")
     if source not in ("auto", "analytic", "compiled"):
         raise ConfigError(f"--source: {source!r} is not one of ('auto', 'analytic', 'compiled')")
     if source == "compiled" and why_not:
@@ -134,10 +134,7 @@ def make_plan(cfg: TrainConfig, layout: Layout, *, source: str = "auto", vocab_s
     spec, c = ab.spec, cfg.client
     counts = pm.param_counts(spec, ffa=cfg.model.lora.aggregation == "ffa")
     T = pm.tokens_seen(cfg.data.seq_len, cfg.data.task)
-    rows = c.batch_size // layout.model if layout.batch_over_model and layout.model > 1 else c.batch_size
-    if layout.batch_over_model and c.batch_size % layout.model:
-        raise ConfigError(f"--batch-over-model: client.batch_size={c.batch_size} is not divisible by the model "
-                          f"axis {layout.model}")
+    rows = pm.ceil_div(c.batch_size, layout.model) if layout.batch_over_model else c.batch_size
     one_client = pb.tree_bytes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), ab.pop_state))
     server = pb.tree_bytes(ab.opt_state) + pb.tree_bytes(ab.agg_state)
     plan = Plan(model=_describe_model(ab), counts=counts, param_dtype=spec.param_dtype,
@@ -162,7 +159,8 @@ def make_plan(cfg: TrainConfig, layout: Layout, *, source: str = "auto", vocab_s
                                    steps=c.local_steps, chunk=chunk, slots=n, optimizer=c.optimizer,
                                    momentum=c.momentum, labels=cfg.data.task == "classify",
                                    client_state_bytes=one_client, broadcast_bytes=pb.tree_bytes(ab.broadcast),
-                                   server_bytes=server, output_bytes=agg + n * per_slot, model_axis=layout.model)
+                                   server_bytes=server, output_bytes=agg + n * per_slot, model_axis=layout.model,
+                                   input_rows=c.batch_size)
 
         mem = memory(lay.chunk)
         per_device = pm.ceil_div(lay.num_clients, lay.num_devices)
@@ -179,12 +177,13 @@ def make_plan(cfg: TrainConfig, layout: Layout, *, source: str = "auto", vocab_s
             largest_chunk_remat=pm.largest_chunk(lambda k: memory(k).peak_remat <= layout.budget, per_device),
             peak_one=memory(1).peak, peak_one_remat=memory(1).peak_remat, flops=flops, down=down, up=up)
         if compiled_on:
-            mesh = pb.mesh_for(layout.clients)
+            mesh = pb.mesh_for(layout.clients, layout.model)
             if lay not in compiled:
                 compiled[lay] = pb.compile_round(ab, cloud, mesh)
             comp = compiled[lay]
             cost.compiled = dict(arguments=comp.arguments, outputs=comp.outputs, temp=comp.temp, alias=comp.alias,
-                                 peak=comp.peak + server, flops=comp.flops, flops_reported=comp.flops_reported,
+                                 peak=comp.peak + server, flops=comp.flops * mesh.size,  # XLA's is per device
+                                 flops_reported=comp.flops_reported,
                                  server_peak=comp.server_peak, server_flops=comp.server_flops)
             cost.fits = cost.compiled["peak"] <= layout.budget
             if measure:
@@ -272,9 +271,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", type=float, help="bytes per device (instead of the device table's)")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--hosts", type=int, default=1)
-    p.add_argument("--model-axis", type=int, help="M of a clients x model mesh (analytic; default: the "
-                   "config's run.mesh.model where it has one, else 1)")
-    p.add_argument("--batch-over-model", action="store_true", help="the model axis also splits each batch")
+    p.add_argument("--model-axis", type=int, help="M of a clients x model mesh (default: the config's "
+                   "run.mesh.model)")
+    p.add_argument("--batch-over-model", action=argparse.BooleanOptionalAction, default=None,
+                   help="the model axis also splits each batch's activations (default: on with M > 1, as the "
+                   "engine's partitioner does)")
     p.add_argument("--usable", type=float, help=f"usable share of device memory (default {USABLE})")
     p.add_argument("--source", default="auto", help="auto | analytic | compiled")
     p.add_argument("--hlo-flops", action="store_true", help="also count FLOPs in the lowered round's HLO")
@@ -285,10 +286,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_model_axis(cfg: TrainConfig) -> int:
-    """run.mesh.model of the config (section 2's model axis, on its own branch while this was written);
-    1 for a config without one."""
-    mesh = getattr(cfg.run, "mesh", None)
-    return int(getattr(mesh, "model", 1) or 1)
+    """The config's model axis (run.mesh.model)."""
+    return cfg.run.mesh.model
 
 
 def plan_for_run(cfg: TrainConfig) -> Plan:

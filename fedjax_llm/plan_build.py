@@ -27,7 +27,8 @@ from fedjax_llm.messages import ERROR_BYTES, CloudReport, CloudUpdate, GlobalMsg
 from fedjax_llm.models.build import freeze_lora_a, spec_from_config
 from fedjax_llm.models.params import abstract_params, model_fns
 from fedjax_llm.models.spec import ModelSpec
-from fedjax_llm.round import AXIS, RoundInputs, RoundLayout, default_chunk, make_round_compute, plan_layout
+from fedjax_llm.round import (AXIS, MODEL, RoundInputs, RoundLayout, default_chunk, fsdp_grads, fsdp_shardings,
+                              make_round_compute, plan_layout)
 from fedjax_llm.types import ClientBatches, ClientHParams, CloudAggregate
 
 S = jax.ShapeDtypeStruct
@@ -102,10 +103,15 @@ def _single_mesh() -> Mesh:
 
 
 def make_compute(ab: Abstract, layout: RoundLayout, mesh: Mesh):
-    """The engine's jitted round compute for one cloud of this layout (as Federation._engine builds it)."""
+    """The engine's jitted round compute for one cloud of this layout (as Federation._engine builds it;
+    with a model axis, the clients' gradients are laid out FSDP-style as the engine lays them)."""
     s = ab.cfg.secure.secagg
     collect = s.enabled and s.scope != "clouds"
-    return make_round_compute(ab.local_update, ab.algo.reducer, ab.algo.transform, 1, mesh, layout, collect=collect)
+    local_update = ab.local_update
+    if MODEL in mesh.axis_names:
+        local_update = make_local_update(make_task_loss(ab.cfg.data.task, model_fns(ab.spec).apply),
+                                         client_optimizer(ab.cfg.client), ab.algo.pieces, fsdp_grads(mesh))
+    return make_round_compute(local_update, ab.algo.reducer, ab.algo.transform, 1, mesh, layout, collect=collect)
 
 
 def build(cfg: TrainConfig, *, vocab_size: Optional[int] = None, num_labels: Optional[int] = None,
@@ -193,24 +199,35 @@ class Compiled:
         return self.arguments + self.outputs + self.temp - self.alias
 
 
-def mesh_for(n: int) -> Mesh:
+def mesh_for(clients: int, model: int = 1) -> Mesh:
+    """The engine's mesh (simulate.make_mesh): clients, or clients x model with a model axis."""
     devices = jax.devices()
+    n = clients * model
     if n > len(devices):
         raise ValueError(f"plan: the compiled analysis needs {n} {jax.default_backend()} devices, this process "
                          f"has {len(devices)}")
-    return Mesh(np.array(devices[:n]), (AXIS,))
+    if model == 1:
+        return Mesh(np.array(devices[:n]), (AXIS,))
+    return Mesh(np.array(devices[:n]).reshape(clients, model), (AXIS, MODEL))
 
 
-def _sharded(tree: Any, sharding: NamedSharding) -> Any:
-    return jax.tree.map(lambda s: S(s.shape, s.dtype, sharding=sharding), tree)
+def _placements(ab: Abstract, layout: RoundLayout, mesh: Mesh) -> tuple:
+    """(tree, sharding tree) per argument of the round compute, as cloud.placed_args lays them out: a
+    model axis splits the frozen base and the global params FSDP-style, the inputs are split by client."""
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    like = lambda tree, sharding: jax.tree.map(lambda _: sharding, tree)  # noqa: E731
+    model = MODEL in mesh.axis_names
+    inputs = round_inputs(ab, layout)
+    return ((ab.trainable, fsdp_shardings(ab.trainable, mesh) if model else like(ab.trainable, rep)),
+            (ab.frozen, fsdp_shardings(ab.frozen, mesh) if model else like(ab.frozen, rep)),
+            (ab.broadcast, like(ab.broadcast, rep)), (inputs, like(inputs, split)), (hparams(), like(hparams(), rep)))
 
 
 def lower_round(ab: Abstract, cloud: CloudPlan, mesh: Mesh):
     """The real round compute for `cloud`, lowered on abstract inputs laid out as the engine lays them."""
     compute = make_compute(ab, cloud.layout, mesh)
-    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-    args = (_sharded(ab.trainable, rep), _sharded(ab.frozen, rep), _sharded(ab.broadcast, rep),
-            _sharded(round_inputs(ab, cloud.layout), split), _sharded(hparams(), rep))
+    args = [jax.tree.map(lambda s, sh: S(s.shape, s.dtype, sharding=sh), tree, shardings)
+            for tree, shardings in _placements(ab, cloud.layout, mesh)]
     return compute.lower(*args)
 
 
@@ -263,10 +280,8 @@ def measure_round(ab: Abstract, cloud: CloudPlan, mesh: Mesh) -> int:
     /proc/self/clear_refs (Linux) and a second run is measured. Run under MALLOC_MMAP_THRESHOLD_=65536
     so that freed buffers leave the resident set and the figure is the compute's own."""
     compiled = lower_round(ab, cloud, mesh).compile()
-    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-    zeros = lambda t, sh: jax.tree.map(lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), sh), t)  # noqa: E731
-    args = (zeros(ab.trainable, rep), zeros(ab.frozen, rep), zeros(ab.broadcast, rep),
-            zeros(round_inputs(ab, cloud.layout), split), zeros(hparams(), rep))
+    args = [jax.tree.map(lambda s, sh: jax.device_put(jnp.zeros(s.shape, s.dtype), sh), tree, shardings)
+            for tree, shardings in _placements(ab, cloud.layout, mesh)]
     warm = jax.jit(lambda x: jax.lax.fori_loop(0, 2, lambda i, y: jnp.tanh(y @ y), x))
     jax.block_until_ready(warm(jnp.ones((512, 512), jnp.float32)))  # the runtime's thread pools and scratch
     before = _status()["VmRSS"]

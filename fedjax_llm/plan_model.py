@@ -21,8 +21,8 @@ Parameters (`arch`, `param_counts`; equal to `models.params.count_params` of the
 
 Per-device memory of the round compute (the engine as built: `round.py`, one cloud's compute at a
 time, its clients padded to devices x chunks x chunk, one chunk of clients trained at once):
-- params: frozen base bytes + the global trainable params, both replicated (no model axis today);
-  with a model axis M (FSDP-style, an assumption for section 2's `run.mesh`): base / M plus the
+- params: frozen base bytes + the global trainable params, both replicated without a model axis;
+  with a model axis M (run.mesh.model, FSDP-style as the engine shards it): base / M plus the
   largest layer gathered twice (this one and the next) in compute dtype.
 - optimizer and client state, per client of a chunk: its local copy of the trainable params, their
   gradients and the optimizer state (AdamW/Adam: mu and nu, 2x trainable in param dtype, as optax's
@@ -330,10 +330,11 @@ class Memory:
 def round_memory(spec: ModelSpec, *, counts: ParamCounts, T: int, seq_len: int, batch: int, steps: int,
                  chunk: int, slots: int, optimizer: str, momentum: float, labels: bool,
                  client_state_bytes: float, broadcast_bytes: float, server_bytes: float, output_bytes: float,
-                 model_axis: int = 1) -> Memory:
+                 model_axis: int = 1, input_rows: Optional[int] = None) -> Memory:
     """Per-device bytes of one cloud's round compute (module docstring). `slots` are the device's client
     slots (chunks x chunk), `client_state_bytes` one client's algorithm state, `server_bytes` the
-    aggregator's optimizer and algorithm state, `output_bytes` the round's outputs."""
+    aggregator's optimizer and algorithm state, `output_bytes` the round's outputs, `batch` the rows each
+    device computes and `input_rows` (default `batch`) the rows of input it holds."""
     p = DTYPE_BYTES[spec.param_dtype]
     full = counts.frozen == 0
     shard = model_axis if model_axis > 1 else 1
@@ -344,7 +345,7 @@ def round_memory(spec: ModelSpec, *, counts: ParamCounts, T: int, seq_len: int, 
     opt = optimizer_copies(optimizer, momentum)
     per_client = (2 + opt) * trainable          # local params, gradients, optimizer state
     accumulators = F32 * counts.trainable / (shard if full else 1)
-    inputs = slots * steps * batch * (seq_len * 8 + (4 if labels else 0))
+    inputs = slots * steps * (input_rows or batch) * (seq_len * 8 + (4 if labels else 0))  # whole per device
     state = chunk * per_client + accumulators + slots * client_state_bytes + broadcast_bytes + server_bytes
     acts = chunk * activation_bytes(spec, T, batch)
     remat = chunk * activation_bytes(spec, T, batch, remat=True)

@@ -217,3 +217,35 @@ def test_run_plan_only_prints_the_plan_and_trains_nothing(tmp_path):
     strip = lambda text: [ln for ln in text.splitlines() if not ln.startswith("source:")]  # noqa: E731
     printed = done.stdout[done.stdout.index("model:"):].strip()
     assert "source: compiled" in printed and strip(printed) == strip(expected), printed
+
+
+MESH = """
+import json, sys
+from fedjax_llm.plan import compose, make_layout, make_plan
+out = {}
+for m in (1, 4):
+    c = make_plan(compose(json.loads(sys.argv[1])), make_layout("cpu", 4, 1, m), source="compiled").clouds[0]
+    out[m] = dict(arguments=c.memory.arguments, extra=c.memory.peak - c.memory.arguments, flops=c.flops,
+                  compiled=c.compiled)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_model_axis_plan_within_20_percent_of_the_engines_compiled_round():
+    """run.mesh.model=4 on 4 host devices: the engine's round placed FSDP-style and compiled; the analytic
+    figures (with the batch split, the default with M > 1) against XLA's, and the bytes per device falling
+    about 4-fold from M = 1."""
+    overrides = ["task=dialog", "clouds=custom", "+clouds.members.solo={clients: 4}", "partition=iid", "model=nano"]
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", MESH, json.dumps(overrides)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    one, four = r["1"], r["4"]
+    x = four["compiled"]
+    assert _close(four["arguments"], x["arguments"]), four
+    assert _close(four["extra"], x["temp"] + x["outputs"]), four
+    assert _close(four["flops"], x["flops"]), four
+    assert x["arguments"] < 0.35 * one["compiled"]["arguments"], (x, one["compiled"])
+    assert x["temp"] < 0.5 * one["compiled"]["temp"], (x, one["compiled"])
