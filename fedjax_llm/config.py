@@ -237,6 +237,9 @@ class RunConfig:
     compile_cache_dir: Optional[str] = "auto"  # persistent XLA compilation cache: a rerun or the next job
                                    # of a sweep skips compiling; auto = $XDG_CACHE_HOME (or ~/.cache)/
                                    # fedjax_llm/xla; null = off; the JAX_COMPILATION_CACHE_DIR variable wins
+    plan_only: bool = False        # print the planner's figures for this config on this process's devices
+                                   # (memory per device, FLOPs and message bytes per round) and exit
+                                   # without training or writing a run directory (fedjax-llm-plan: any device)
 
 
 @dataclasses.dataclass

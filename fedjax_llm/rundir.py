@@ -32,7 +32,7 @@ LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY, "tensorboard"}
 # Keys that do not change what a run computes, so a rerun may change them.
 FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard",
              "run.compile_cache_dir", "run.distributed", "run.coordinator_address", "run.process_id",
-             "run.distributed_timeout_s"}
+             "run.distributed_timeout_s", "run.plan_only"}
 
 
 def resume_command(run_dir: str) -> str:

@@ -51,6 +51,12 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
     compile_cache.enable(cfg.run.compile_cache_dir)
+    if cfg.run.plan_only:  # one process plans; nothing is trained or written
+        from fedjax_llm.plan import format_plan, plan_for_run
+
+        plan = plan_for_run(cfg)
+        print(format_plan(plan), flush=True)
+        return {"plan_fits": plan.fits}
     procs = distributed.start(cfg.run)  # before any device is touched
     distributed.agree(rundir.flat_config(cfg), procs)
     control = control or RunControl()
