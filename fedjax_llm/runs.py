@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from fedjax_llm.config import TrainConfig
 from fedjax_llm.errors import RunDirError
-from fedjax_llm.validation import validate
 from fedjax_llm.models.params import Params
 from fedjax_llm.models.spec import ModelSpec
 
