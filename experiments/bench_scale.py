@@ -11,8 +11,8 @@ wraps `cloud.round_inputs` and `distributed.put_rows` to count bytes and then ca
 `main()` unchanged. Per layout it reports:
 - round time: the median of metrics.jsonl's `wall_s` over rounds 2.. (round 1 compiles);
 - per process: peak RSS (getrusage of the process itself), the bytes of the cohort's host arrays that
-  `cloud.round_inputs` returned (every slot, padding included: what the process holds on the host per
-  round), and the bytes of the rows it put on its own devices (1 process: the whole cohort; 2 processes:
+  `cloud.round_inputs` wrote (its own slots' batches, and the small per-slot vectors and client state
+  whole: what the process holds on the host per round), and the bytes of the rows it put on its own devices (1 process: the whole cohort; 2 processes:
   `distributed.put_rows`' local rows);
 - the final train loss of both layouts (the same run: equal up to the reduction order).
 Then `fedjax-llm-plan +plan=flowertune_mistral7b --device h200` is timed end to end (a fresh
@@ -55,7 +55,12 @@ def child(report: str, args: list[str]) -> None:
 
     def counted_round_inputs(*a, **k):
         inputs, cursors = round_inputs(*a, **k)
-        seen["host"].append(_nbytes(inputs))
+        # written bytes: the batches' rows of this process's slots (round_inputs leaves the others as
+        # zero pages it never writes) and every other leaf whole
+        start, stop = a[0].engine.rows
+        padded = a[0].engine.layout.padded
+        share = (min(stop, padded) - start) / padded
+        seen["host"].append(int(_nbytes(inputs.batches) * share) + _nbytes(inputs.replace(batches=None)))
         if _processes() == 1:
             seen["device"].append(_nbytes(inputs))  # one process: the whole cohort goes to its devices
         return inputs, cursors

@@ -157,10 +157,18 @@ def round_inputs(cloud: Cloud, state: CloudState, cohort: participation.Cohort,
     step_mask = rb.step_mask & (np.arange(cfg.local_steps)[None, :] < cohort.steps[:, None])
     keys = np.asarray(jax.random.key_data(jax.random.split(k_clients, len(cloud.members))))
     pad = lambda a: np.concatenate([a, np.zeros((Kp - K,) + a.shape[1:], a.dtype)])  # noqa: E731
+
+    def pad_local(a: np.ndarray) -> np.ndarray:
+        """The batches to Kp rows, copying only this process's slots: the others stay unwritten zero pages
+        (never sent anywhere), so resident memory holds only this process's share of the cohort."""
+        out = np.zeros((Kp,) + a.shape[1:], a.dtype)
+        out[start:min(stop, K)] = a[start:min(stop, K)]
+        return out
+
     slots = np.concatenate([ids, np.zeros(Kp - K, np.int64)])
-    task_inputs = {"tokens": pad(tokens), "loss_mask": pad(rb.loss_mask)}
+    task_inputs = {"tokens": pad_local(tokens), "loss_mask": pad_local(rb.loss_mask)}
     if labels is not None:
-        task_inputs["labels"] = pad(labels)
+        task_inputs["labels"] = pad_local(labels)
     inputs = RoundInputs(batches=ClientBatches(inputs=task_inputs, step_mask=pad(step_mask)), keys=pad(keys[ids]),
                          weights=pad(weights), onehot=pad(np.ones((K, 1), np.float32)), attacked=pad(attacked),
                          state=jax.tree.map(lambda s: np.asarray(s)[slots], state.client_states))

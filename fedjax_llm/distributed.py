@@ -183,9 +183,9 @@ def local_rows(mesh: Any, padded: int) -> tuple[int, int]:
     """The slots [start, stop) of a padded client axis sharded over `mesh` that this process holds."""
     import jax
 
-    devices = list(mesh.devices.flat)
-    per = padded // len(devices)
-    mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+    rows = np.asarray(mesh.devices).reshape(mesh.devices.shape[0], -1)  # clients x (model, when split)
+    per = padded // rows.shape[0]
+    mine = [i for i in range(rows.shape[0]) if rows[i, 0].process_index == jax.process_index()]
     if not mine:
         return 0, 0
     return mine[0] * per, (mine[-1] + 1) * per

@@ -256,9 +256,17 @@ def round_batches(fd: FederatedData, client_ids: np.ndarray, cursors: np.ndarray
         new_cursors[c] += count_K[k]
     rows_KxSB = (np.arange(S * B)[None, :] < count_K[:, None]) & build[:, None]
     T = fd.tokens.shape[1]
-    tokens = np.where(rows_KxSB[..., None], fd.tokens[idx_KxSB], fd.pad_id).astype(np.int32)
-    loss_mask = fd.loss_mask[idx_KxSB] * rows_KxSB[..., None]
-    labels = None if fd.labels is None else (fd.labels[idx_KxSB] * rows_KxSB).reshape(K, S, B).astype(np.int32)
+    # Rows not built stay zero pages that are never written (np.zeros), so a process's resident memory
+    # holds only its own clients' batches.
+    tokens = np.zeros((K, S * B, T), np.int32)
+    loss_mask = np.zeros((K, S * B, T), fd.loss_mask.dtype)
+    tokens[build] = np.where(rows_KxSB[build][..., None], fd.tokens[idx_KxSB[build]], fd.pad_id)
+    loss_mask[build] = fd.loss_mask[idx_KxSB[build]] * rows_KxSB[build][..., None]
+    labels = None
+    if fd.labels is not None:
+        labels = np.zeros((K, S * B), np.int32)
+        labels[build] = fd.labels[idx_KxSB[build]] * rows_KxSB[build]
+        labels = labels.reshape(K, S, B)
     return RoundBatches(tokens=tokens.reshape(K, S, B, T), loss_mask=loss_mask.reshape(K, S, B, T),
                         step_mask=np.arange(S)[None, :] < steps_K[:, None], cursors=new_cursors,
                         labels=labels)
