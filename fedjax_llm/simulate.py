@@ -33,9 +33,10 @@ from fedjax_llm.cloud import Cloud, CloudState, Engine, cloud_step, init_cloud_s
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.transport import AGGREGATOR, InProcessTransport, new_stats, refuse
-from fedjax_llm.config import TrainConfig
+from fedjax_llm.config import DriftConfig, TrainConfig
 from fedjax_llm.data.federated import FederatedData
 from fedjax_llm.drift.phases import make_drift
+from fedjax_llm.drift.schedule import make_schedule
 from fedjax_llm.evaluate import make_evaluator
 from fedjax_llm.messages import MessageError
 from fedjax_llm.models.build import build_model, freeze_lora_a
@@ -91,6 +92,13 @@ def lora_scheme(cfg: TrainConfig, population: int) -> Optional[LoRAScheme]:
                       lo.rank)
 
 
+def ewc_remedy(drift: DriftConfig) -> Optional[tuple[float, tuple[int, ...]]]:
+    """(lambda, phase end rounds) when drift.remedy=ewc, else None."""
+    if not (drift.enabled and drift.remedy == "ewc"):
+        return None
+    return drift.ewc_lambda, make_schedule(drift).ends
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
     devices = jax.devices()
     n = num_devices or len(devices)
@@ -114,7 +122,7 @@ class Federation:
         g = cfg.secure.secagg
         self.algo = algorithm or build_algorithm(
             cfg.algorithm, cfg.attack, data.num_clients, dp=cfg.secure.dp, expected_clients=self.expected_clients,
-            dp_key=k_dp, dp_noise_at_clouds=g.enabled, lora=lora_scheme(cfg, data.num_clients))
+            dp_key=k_dp, dp_noise_at_clouds=g.enabled, lora=lora_scheme(cfg, data.num_clients), ewc=ewc_remedy(cfg.drift))
         self.fns, self.init_params, self.frozen, self.spec = build_model(cfg, data.vocab_size, data.num_labels,
                                                                          self.k_model)
         if cfg.model.lora.aggregation == "ffa":
