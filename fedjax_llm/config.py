@@ -249,7 +249,7 @@ class PhaseCloudConfig:
 class PhaseConfig:
     name: str = ""                 # shown in metrics and plots (default: phase<i>)
     rounds: int = 1                # rounds the phase lasts
-    clouds: Dict[str, PhaseCloudConfig] = field(default_factory=dict, metadata=dict(values=PhaseCloudConfig))
+    clouds: Dict[str, Any] = field(default_factory=dict, metadata=dict(values=PhaseCloudConfig))
                                    # cloud -> what its clients hold in this phase; a cloud not listed
                                    # has no data (it has not joined yet, or has left)
 
@@ -313,7 +313,10 @@ def to_train_config(cfg: Any) -> TrainConfig:
     out = OmegaConf.to_object(merged)
     members = {name: _as_config(CloudConfig, member, f"clouds.members.{name}")
                for name, member in out.clouds.members.items()}
-    return dataclasses.replace(out, clouds=dataclasses.replace(out.clouds, members=members))
+    phases = [dataclasses.replace(p, clouds={n: _as_config(PhaseCloudConfig, v, f"drift.phases.{i}.clouds.{n}")
+                                             for n, v in p.clouds.items()}) for i, p in enumerate(out.drift.phases)]
+    return dataclasses.replace(out, clouds=dataclasses.replace(out.clouds, members=members),
+                               drift=dataclasses.replace(out.drift, phases=phases))
 
 
 def _as_config(schema: type, value: Any, key: str) -> Any:
