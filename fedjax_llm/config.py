@@ -265,7 +265,7 @@ class DriftConfig:
                                    # this (language modelling: perplexity at or below it)
     remedy: str = "none"           # none | ewc: an EWC / FedCurv penalty anchoring the parameters that
                                    # mattered in earlier phases (drift/ewc.py)
-    ewc_lambda: float = 1.0        # ewc: penalty strength on the mean-normalised Fisher
+    ewc_lambda: float = 1.0        # ewc: penalty strength on the Fisher divided by its largest entry
 
 
 @dataclasses.dataclass

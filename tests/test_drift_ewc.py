@@ -35,7 +35,7 @@ def numpy_reference(p):
     out = []
     C = int(p.cloud.max()) + 1
     for _ in range(ROUNDS):
-        Fn = F * (d / F.sum()) if F.sum() > 0 else np.zeros(d)
+        Fn = F / F.max() if F.max() > 0 else np.zeros(d)
         anchor_eff = w if fresh else anchor
         deltas, aux = [], []
         for k in range(p.K):

@@ -8,8 +8,10 @@ steps (client.py, `grad_sq`) and sends their mean with its update; clouds averag
 uniformly and the aggregator averages the clouds' by client count. Within a phase the aggregator keeps a
 running mean of these per-round estimates; at the phase's last round it adds it to the consolidated F,
 and the next round's global model becomes theta* (clients read it as the global params they start from,
-the aggregator takes it as `params` in its next update). F is broadcast divided by its mean, so lambda
-is the average per-parameter strength whatever the model's gradient scale.
+the aggregator takes it as `params` in its next update). F is broadcast divided by its largest entry, so
+lambda is the strength on the parameter that mattered most, whatever the model's gradient scale (a mean
+normalisation made lambda depend on how sparse the Fisher is: the bag-of-embeddings model's embedding
+rows of unseen tokens have none, and any lambda froze it).
 
 Why this remedy: the penalty is a loss term of the client step (pure JAX, vmapped with the clients and
 traced once), it needs no client to keep data beyond the round (a replay buffer stores examples on
@@ -85,9 +87,8 @@ def ewc_aggregator(inner: Aggregator, phase_ends: Sequence[int]) -> Aggregator:
         return update, new
 
     def broadcast(state: dict) -> dict:
-        total = sum(jnp.sum(f) for f in jax.tree.leaves(state["fisher"]))
-        count = sum(f.size for f in jax.tree.leaves(state["fisher"]))
-        scale = jnp.where(total > 0, count / jnp.maximum(total, 1e-30), 0.0)
+        top = jnp.max(jnp.stack([jnp.max(f) for f in jax.tree.leaves(state["fisher"])]))
+        scale = jnp.where(top > 0, 1.0 / jnp.maximum(top, 1e-30), 0.0)
         own = dict(fisher=jax.tree.map(lambda f: f * scale, state["fisher"]), anchor=state["anchor"],
                    fresh=state["fresh"])
         return {**inner.broadcast(state["inner"]), NAME: own}
