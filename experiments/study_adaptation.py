@@ -18,8 +18,8 @@ Client learning rates are the ones study_pretrained.py picked on this task (LoRA
 5e-2). Each run is a run directory under --runs (resumable: rerunning the command continues an
 interrupted run and reuses complete ones); OUT/results.json is rewritten after every run. Through the
 report code (fedjax_llm/report) it writes OUT/table.md and table.csv (mean ± sample std over seeds of
-final accuracy, average accuracy, forgetting, backward and forward transfer, rounds to the target per
-phase), OUT/matrix.png (the accuracy matrices) and OUT/phase<j>.png (accuracy on each phase's held-out
+final accuracy, average accuracy, forgetting, backward and forward transfer, and per phase the rounds
+from its start until its held-out accuracy is within 10 % of the best arm's at the phase's end), OUT/matrix.png (the accuracy matrices) and OUT/phase<j>.png (accuracy on each phase's held-out
 set against rounds). `--render` redraws them from OUT/results.json.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -80,7 +82,7 @@ def to_groups(results: dict) -> list:
             c = r["continual"]
             totals = dict(matrix=c["matrix"], wall_s=r["seconds"], **{k: c.get(k) for k in (
                 "average_accuracy", "forgetting", "backward_transfer", "forward_transfer")})
-            totals.update({f"speed{j}": s for j, s in enumerate(c["adaptation_rounds"])})
+            totals["phase_ends"] = c["phase_ends"]
             g.runs.append(Run(path=f"results.json:{arm}/seed{r['seed']}", status=COMPLETE, config=dict(seed=r["seed"]),
                               records=records, totals=totals))
         groups.append(g)
@@ -94,8 +96,9 @@ def write_outputs(results: dict, out: str, command: str, commit: str, phases: li
 
     groups = to_groups(results)
     acc = METRICS["eval_acc"]
-    speed = [tables.Column(f"rounds to {target:.0%} on `{p}`", lambda g, j=j: tables.rounds_to_text(
-        [r.totals.get(f"speed{j}") for r in g.runs])) for j, p in enumerate(phases)]
+    targets = phase_targets(results)
+    speed = [tables.Column(f"rounds to {t:.2f} on `{p}`", lambda g, j=j, t=t: tables.rounds_to_text(
+        [speed_to(r, j, t) for r in g.runs])) for j, (p, t) in enumerate(zip(phases, targets))]
     columns = [tables.label_col("arm"), tables.seeds_col(), tables.final_col(acc, "final accuracy (all held-out)"),
                tables.total_col("average_accuracy", "average accuracy", ".3f"),
                tables.total_col("forgetting", "forgetting", ".3f"),
@@ -116,6 +119,27 @@ def write_outputs(results: dict, out: str, command: str, commit: str, phases: li
                             title=f"Accuracy on phase `{phases[j]}`'s held-out set against rounds (phase ends at "
                                   f"rounds {results_ends(results)}): mean ± std over {n} seeds")
     return text
+
+
+def phase_targets(results: dict, share: float = 0.9) -> list[float]:
+    """Adaptation targets, one per phase: `share` of the best arm's mean accuracy on the phase's held-out set
+    at the phase's end (the report's rounds-to-target convention: within 10 % of the best setting). One
+    absolute level fits no phase here: their majority topics alone score 0.6, 0.2 and 0.5."""
+    diagonal = [np.mean([np.diag(r["continual"]["matrix"]) for r in runs], axis=0) for runs in results.values()]
+    return list(share * np.max(diagonal, axis=0))
+
+
+def speed_to(run, j: int, target: float):
+    """Rounds from phase j's start until the run's accuracy on phase j's held-out set reaches target."""
+    from fedjax_llm.drift.metrics import adaptation_rounds
+    from fedjax_llm.drift.schedule import Schedule
+
+    ends = run.totals["phase_ends"]
+    T = len(ends)
+    sched = Schedule(names=tuple(map(str, range(T))), starts=tuple([1] + [e + 1 for e in ends[:-1]]), ends=tuple(ends))
+    rows = [r for r in run.records if r.get("eval_phase_acc")]
+    scores = np.array([[np.nan if a is None else a for a in r["eval_phase_acc"]] for r in rows])
+    return adaptation_rounds([r["round"] for r in rows], scores, sched, target)[j]
 
 
 def results_ends(results: dict) -> list:
