@@ -108,7 +108,7 @@ def write_outputs(results: dict, out: str, command: str, commit: str, phases: li
     text = "\n".join([f"Command: `{command}`", f"Commit: `{commit}`", "", tables.markdown(groups, columns)])
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
-    per_phase = [Metric(f"acc_phase{j}", f"accuracy on phase `{p}` held-out set", True) for j, p in enumerate(phases)]
+    per_phase = [Metric(f"acc_phase{j}", f"accuracy on phase '{p}' held-out set", True) for j, p in enumerate(phases)]
     tables.summary_csv(os.path.join(out, "table.csv"), groups, [acc, *per_phase], {})
     n = max(len(runs) for runs in results.values())
     plots.matrix_figure(os.path.join(out, "matrix.png"), groups, "matrix", phases,
@@ -116,7 +116,7 @@ def write_outputs(results: dict, out: str, command: str, commit: str, phases: li
                         f"over {n} seeds (chatterbot topics, drifting clouds)")
     for j, m in enumerate(per_phase):
         plots.metric_figure(os.path.join(out, f"phase{j}.png"), groups, m, xs=("round",),
-                            title=f"Accuracy on phase `{phases[j]}`'s held-out set against rounds (phase ends at "
+                            title=f"Accuracy on phase '{phases[j]}' held-out set against rounds (phase ends at "
                                   f"rounds {results_ends(results)}): mean ± std over {n} seeds")
     return text
 
