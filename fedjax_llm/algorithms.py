@@ -92,10 +92,11 @@ def make_transform(a: AlgorithmConfig, attack: AttackConfig) -> ClientTransform:
 def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int,
                     dp: Optional[DPConfig] = None, expected_clients: float = 0.0,
                     dp_key: Optional[jax.Array] = None, dp_noise_at_clouds: bool = False,
-                    lora: Optional[LoRAScheme] = None) -> Algorithm:
+                    lora: Optional[LoRAScheme] = None, ewc: Optional[tuple[float, tuple[int, ...]]] = None) -> Algorithm:
     """The algorithm for a run; with `dp` enabled, DP-FedAvg's clipping and noised sum take the
     place of the weighted mean (validate() has ruled out the rules and pieces it cannot combine with).
-    `lora` adds per-client ranks and the FedEx-LoRA / FlexLoRA product schemes (lora_round.py)."""
+    `lora` adds per-client ranks and the FedEx-LoRA / FlexLoRA product schemes (lora_round.py);
+    `ewc` = (lambda, phase end rounds) adds the continual-learning penalty (drift/ewc.py)."""
     pieces: list[ClientPiece] = []
     if a.prox_mu > 0:
         pieces.append(prox_piece(a.prox_mu))
@@ -123,6 +124,11 @@ def build_algorithm(a: AlgorithmConfig, attack: AttackConfig, population: int,
     if lora is not None and (lora.scheme in lora_round.PRODUCT_SCHEMES or len(set(lora.ranks.tolist())) > 1):
         pieces.append(lora_round.lora_piece(lora.scheme, lora.scale, lora.ranks, lora.r_max))
         aggregator = lora_round.lora_aggregator(aggregator, lora.scheme, lora.scale)
+
+    if ewc is not None:
+        from fedjax_llm.drift.ewc import ewc_aggregator, ewc_piece
+        pieces.append(ewc_piece(ewc[0]))
+        aggregator = ewc_aggregator(aggregator, ewc[1])
 
     opt = server_optimizer(a.server_optimizer, a.server_lr, a.server_momentum, a.server_b1,
                            a.server_b2, a.server_eps)

@@ -42,6 +42,9 @@ class ClientPiece(NamedTuple):
     start: Optional[Callable[..., tuple[Params, Params]]] = None
     # (final params, global params, state) -> leaves merged into the delta after every finish
     extra_delta: Optional[Callable[[Params, Params, Any], Params]] = None
+    # True: `finish` also gets grad_sq=, the sum over the local steps of the task loss's squared
+    # gradients (the diagonal empirical Fisher the EWC / FedCurv remedy needs)
+    grad_sq: bool = False
 
 
 def init_client_state(pieces: Sequence[ClientPiece], params: Params) -> dict:
@@ -149,6 +152,16 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         return loss, aux
 
     grad_fn = jax.value_and_grad(total_loss, has_aux=True)
+    want_sq = any(p.grad_sq for p in pieces)
+
+    def terms_loss(params, global_params, broadcast):
+        return sum((p.loss(params, global_params, broadcast.get(p.name)) for p in pieces if p.loss is not None),
+                   jnp.float32(0))
+
+    def task_grad_sq(grads, params, global_params, broadcast):
+        """Squared gradients of the task loss alone: the pieces' terms are cheap to differentiate apart."""
+        terms = jax.grad(terms_loss)(params, global_params, broadcast)
+        return jax.tree.map(lambda g, t: jnp.square((g - t).astype(jnp.float32)), grads, terms)
 
     def local_update(trainable: Params, frozen: Params, batches: ClientBatches, key: jax.Array,
                      hparams: ClientHParams, weight: jax.Array, state: dict, broadcast: dict):
@@ -162,29 +175,33 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         step_keys = jax.random.split(key, batches.step_mask.shape[0])
 
         def step(carry, xs):
-            params, opt = carry
+            params, opt, sq = carry
             inputs, valid, step_key = xs
             (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, run_frozen, inputs, step_key, broadcast)
             if place_grads is not None:
                 grads = place_grads(grads)
+            if want_sq:
+                sq = jax.tree.map(lambda a, g: a + jnp.where(valid, g, 0.0), sq,
+                                  task_grad_sq(grads, params, trainable, broadcast))
             for p in pieces:
                 if p.adjust_grads is not None:
                     grads = p.adjust_grads(grads, state.get(p.name), broadcast.get(p.name))
             updates, new_opt = optimizer.update(grads, opt, params)
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jnp.where(valid, new, old)
-            carry = (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt))
+            carry = (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt), sq)
             return carry, (jnp.where(valid, loss_sum, 0.0), jnp.where(valid, ntok, 0.0))
 
         xs = (batches.inputs, batches.step_mask, step_keys)
-        (final, _), (loss_sums, ntoks) = jax.lax.scan(step, (start, opt_state), xs)
+        sq0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), start) if want_sq else ()
+        (final, _, grad_sq), (loss_sums, ntoks) = jax.lax.scan(step, (start, opt_state, sq0), xs)
         delta = jax.tree.map(lambda a, b: a - b, final, trainable)
         steps = jnp.sum(batches.step_mask.astype(jnp.float32))
         aux, new_state = {}, dict(state)
         for p in pieces:
             if p.finish is not None:
                 delta, aux[p.name], s = p.finish(delta, steps, hparams.lr, state.get(p.name),
-                                                 broadcast.get(p.name))
+                                                 broadcast.get(p.name), **({"grad_sq": grad_sq} if p.grad_sq else {}))
                 if p.name in state:
                     new_state[p.name] = s
         for p in pieces:

@@ -250,6 +250,37 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class PhaseCloudConfig:
+    labels: List[str] = field(default_factory=list)  # values of drift.label_field its clients train on in
+                                   # this phase (empty = every value)
+    keep: Dict[str, float] = field(default_factory=dict)  # label shift: value -> fraction of its
+                                   # examples kept in this phase (the others are hidden), in (0, 1]
+
+
+@dataclasses.dataclass
+class PhaseConfig:
+    name: str = ""                 # shown in metrics and plots (default: phase<i>)
+    rounds: int = 1                # rounds the phase lasts
+    clouds: Dict[str, Any] = field(default_factory=dict, metadata=dict(values=PhaseCloudConfig))
+                                   # cloud -> what its clients hold in this phase; a cloud not listed
+                                   # has no data (it has not joined yet, or has left)
+
+
+@dataclasses.dataclass
+class DriftConfig:
+    """Continuous adaptation: the clients' data change over rounds in phases (fedjax_llm/drift/)."""
+
+    enabled: bool = False
+    label_field: str = "category"  # the example field the phases select on (category, language, ...)
+    phases: List[PhaseConfig] = field(default_factory=list)  # in order; their rounds add up to run.rounds
+    target: float = 0.5            # adaptation speed: rounds until a phase's held-out accuracy reaches
+                                   # this (language modelling: perplexity at or below it)
+    remedy: str = "none"           # none | ewc: an EWC / FedCurv penalty anchoring the parameters that
+                                   # mattered in earlier phases (drift/ewc.py)
+    ewc_lambda: float = 1.0        # ewc: penalty strength on the Fisher divided by its largest entry
+
+
+@dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
     name: str = "default"
@@ -265,6 +296,7 @@ class TrainConfig:
     secure: SecureConfig = field(default_factory=SecureConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 def register_configs() -> None:
@@ -293,7 +325,10 @@ def to_train_config(cfg: Any) -> TrainConfig:
     out = OmegaConf.to_object(merged)
     members = {name: _as_config(CloudConfig, member, f"clouds.members.{name}")
                for name, member in out.clouds.members.items()}
-    return dataclasses.replace(out, clouds=dataclasses.replace(out.clouds, members=members))
+    phases = [dataclasses.replace(p, clouds={n: _as_config(PhaseCloudConfig, v, f"drift.phases.{i}.clouds.{n}")
+                                             for n, v in p.clouds.items()}) for i, p in enumerate(out.drift.phases)]
+    return dataclasses.replace(out, clouds=dataclasses.replace(out.clouds, members=members),
+                               drift=dataclasses.replace(out.drift, phases=phases))
 
 
 def _as_config(schema: type, value: Any, key: str) -> Any:
@@ -359,4 +394,9 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
             if dataclasses.is_dataclass(inner):
                 for name, member in value.items():
                     out += unknown_keys(member, inner, f"{full}.{name}.")
+        elif typing.get_origin(kind) in (list, List) and isinstance(value, list):
+            inner = typing.get_args(kind)[0]
+            if dataclasses.is_dataclass(inner):  # drift.phases[i]
+                for i, member in enumerate(value):
+                    out += unknown_keys(member, inner, f"{full}.{i}.")
     return out

@@ -47,11 +47,16 @@ class Evaluator:
 
         self._score = jax.jit(per_example)
 
-    def __call__(self, params, frozen, cloud_names: Sequence[str]) -> dict:
+    def scores(self, params, frozen) -> tuple[np.ndarray, np.ndarray]:
+        """(summed token loss, target tokens) of every eval example, in `indices` order."""
+        loss, ntok = jax.device_get(self._score(params, frozen, self.tokens, self.mask))
+        return loss[: self.num_examples], ntok[: self.num_examples]
+
+    def __call__(self, params, frozen, cloud_names: Sequence[str], scored=None) -> dict:
+        """The figures; `scored` (this model's `scores`, when the caller has them) skips a second pass."""
         if not self.num_examples:
             return dict(eval_loss=None, eval_ppl=None, clouds={n: {} for n in cloud_names})
-        loss, ntok = jax.device_get(self._score(params, frozen, self.tokens, self.mask))
-        loss, ntok = loss[: self.num_examples], ntok[: self.num_examples]
+        loss, ntok = scored if scored is not None else self.scores(params, frozen)
         clouds = {}
         for c, name in enumerate(cloud_names):
             sel = self.cloud_of == c
@@ -107,10 +112,13 @@ class ClassifyEvaluator:
         nll, pred = jax.device_get(self._score(params, frozen, self.tokens, self.mask, self.labels_MxB))
         return nll[: self.num_examples], pred[: self.num_examples]
 
-    def __call__(self, params, frozen, cloud_names: Sequence[str]) -> dict:
+    scores = predictions
+
+    def __call__(self, params, frozen, cloud_names: Sequence[str], scored=None) -> dict:
+        """The figures; `scored` (this model's `predictions`, when the caller has them) skips a second pass."""
         if not self.num_examples:
             return dict(eval_loss=None, eval_acc=None, eval_f1=None, clouds={n: {} for n in cloud_names})
-        nll, pred = self.predictions(params, frozen)
+        nll, pred = scored if scored is not None else self.predictions(params, frozen)
         clouds = {}
         for c, name in enumerate(cloud_names):
             sel = self.cloud_of == c

@@ -72,7 +72,12 @@ class RunFiles:
 
 
 def _eval_due(cfg: TrainConfig, rnd: int) -> bool:
-    return rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds
+    """Every run.eval_every rounds, the last round, and (with drift) every phase's last round, which
+    the accuracy matrix needs."""
+    from fedjax_llm.drift.schedule import make_schedule
+
+    at_phase_end = cfg.drift.enabled and rnd in make_schedule(cfg.drift).ends
+    return rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds or at_phase_end
 
 
 def _build(cfg: TrainConfig, run_dir: str, procs: distributed.Processes):
@@ -134,6 +139,10 @@ def train_run(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict
                                   "checkpoint was trained with (model or seed changed?)")
         if privacy is not None:
             privacy.restore(meta.get("accountant"))
+        if fed.drift is not None and meta.get("drift_phase") != fed.drift.phase_at(int(state.round)):
+            raise CheckpointError(f"{ckpt.directory}: step {int(state.round)} was trained in drift phase "
+                                  f"{meta.get('drift_phase')}, but drift.phases puts round {int(state.round)} in "
+                                  f"phase {fed.drift.phase_at(int(state.round))}")
     elif plan.kind == "resume" and plan.newest_step:
         log.warning("no checkpoint of %s could be used; starting the run over", run_dir)
 
@@ -154,12 +163,14 @@ def train_run(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict
     tb = TensorBoardWriter.open(run_dir, cfg, start, records)  # resumed: later events purged
     progress = types.SimpleNamespace(state=state, round=start, saved=start if restored else None)
 
-    def checkpoint_meta() -> dict:
+    def checkpoint_meta(rnd: int) -> dict:
         extra = dict(accountant=privacy.state) if privacy is not None else {}
+        if fed.drift is not None:  # the schedule position, checked when a resume restores this step
+            extra["drift_phase"] = fed.drift.phase_at(rnd)
         return dict(frozen_digest=frozen_digest, name=cfg.name, records=records, **extra)
 
     def save(rnd: int, st: Any) -> None:
-        ckpt.save(rnd, jax.device_get(st), checkpoint_meta())  # host values: every process writes the same
+        ckpt.save(rnd, jax.device_get(st), checkpoint_meta(rnd))  # host values: every process writes the same
         progress.saved = rnd
 
     def save_last() -> str:
@@ -232,7 +243,8 @@ def train_run(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict
         cohort=fed.cohort_size, devices=fed.mesh.size, processes=procs.count,
         platform=fed.mesh.devices.flat[0].platform, layout=list(fed.layout.shape),
         stopped_early_after_round=stopped_early, privacy=privacy.summary() if privacy is not None else None,
-        channel=channel_info, wall_s_this_process=time.perf_counter() - t_start, jax_version=jax.__version__)
+        channel=channel_info, wall_s_this_process=time.perf_counter() - t_start, jax_version=jax.__version__,
+        **_continual(cfg, fed, records))
     files.summary(summary)
     files.history("complete", round=progress.round)
     if cfg.data.task == "classify":
@@ -243,6 +255,15 @@ def train_run(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict
         log.info("done: eval ppl %s -> %s in %.1fs", summary["initial_eval_ppl"], summary["final_eval_ppl"],
                  summary["wall_s_this_process"])
     return summary
+
+
+def _continual(cfg: TrainConfig, fed: Any, records: list[dict]) -> dict:
+    """summary.json's `continual` block (drift runs): accuracy matrix, forgetting, transfer, speed."""
+    if fed.drift is None:
+        return {}
+    from fedjax_llm.drift.metrics import continual_summary
+
+    return dict(continual=continual_summary(records, fed.drift.schedule, cfg.drift.target, cfg.data.task))
 
 
 def _headline(records: list[dict]) -> dict:

@@ -34,8 +34,10 @@ from fedjax_llm.cloud import Cloud, CloudState, Engine, cloud_step, init_cloud_s
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.clouds.link import Link
 from fedjax_llm.clouds.transport import AGGREGATOR, InProcessTransport, new_stats, refuse
-from fedjax_llm.config import TrainConfig
+from fedjax_llm.config import DriftConfig, TrainConfig
 from fedjax_llm.data.federated import FederatedData
+from fedjax_llm.drift.phases import make_drift
+from fedjax_llm.drift.schedule import make_schedule
 from fedjax_llm.evaluate import make_evaluator
 from fedjax_llm.messages import MessageError
 from fedjax_llm.models.build import build_model, freeze_lora_a
@@ -92,6 +94,13 @@ def lora_scheme(cfg: TrainConfig, population: int) -> Optional[LoRAScheme]:
                       lo.rank)
 
 
+def ewc_remedy(drift: DriftConfig) -> Optional[tuple[float, tuple[int, ...]]]:
+    """(lambda, phase end rounds) when drift.remedy=ewc, else None."""
+    if not (drift.enabled and drift.remedy == "ewc"):
+        return None
+    return drift.ewc_lambda, make_schedule(drift).ends
+
+
 def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:
     """The clients mesh over `num_devices` devices (0 = all), times `model` devices per client slot when
     the frozen base is sharded (run.mesh.model)."""
@@ -124,7 +133,7 @@ class Federation:
         g = cfg.secure.secagg
         self.algo = algorithm or build_algorithm(
             cfg.algorithm, cfg.attack, data.num_clients, dp=cfg.secure.dp, expected_clients=self.expected_clients,
-            dp_key=k_dp, dp_noise_at_clouds=g.enabled, lora=lora_scheme(cfg, data.num_clients))
+            dp_key=k_dp, dp_noise_at_clouds=g.enabled, lora=lora_scheme(cfg, data.num_clients), ewc=ewc_remedy(cfg.drift))
         self.fns, self.init_params, self.frozen, self.spec = build_model(cfg, data.vocab_size, data.num_labels,
                                                                          self.k_model)
         if cfg.model.lora.aggregation == "ffa":
@@ -139,12 +148,22 @@ class Federation:
                                                            for n in self.cloud_names})
         self._engines: dict = {}
         self._server_step = jax.jit(lambda *a: server_update(self.algo, *a))
-        self._data = data
-        self.num_train = data.num_train_examples()  # builds the clouds and the aggregator
+        self.drift = make_drift(cfg.drift, data, cfg.seed, cfg.data.task)  # None without drift.enabled
+        self.phase = 0
+        self._data = self.drift.view(0) if self.drift else data
+        self.num_train = self._data.num_train_examples()  # builds the clouds and the aggregator
         self.evaluator = make_evaluator(cfg.data.task, self.fns.apply, data, cfg.data.max_eval_examples,
                                         cfg.run.eval_batch_size)
 
     # ----- what is fixed for the run --------------------------------------------------------------------
+    def use_phase(self, phase: int) -> None:
+        """Points every cloud at the drift schedule's data of `phase` (rebuilt only when it changes; the
+        compiled round is shared, so a phase change compiles nothing)."""
+        if self.drift is not None and phase != self.phase:
+            self._data = self.drift.view(phase)
+            self.num_train = self._data.num_train_examples()
+            self.phase = phase
+
     @property
     def data(self) -> FederatedData:
         return self._data
@@ -248,8 +267,10 @@ class Federation:
     def run_round(self, state: FederationState) -> tuple[FederationState, dict]:
         """One federated round; returns the new state and this round's metrics."""
         t0 = time.perf_counter()
-        spec, names = self.aggregator, self.cloud_names
         rnd = int(state.round) + 1
+        if self.drift is not None:
+            self.use_phase(self.drift.phase_at(rnd))
+        spec, names = self.aggregator, self.cloud_names
         stats = {n: new_stats() for n in names}
         hop = lambda tree, sender, recipient: self.transport.hop(  # noqa: E731
             tree, sender=sender, recipient=recipient, round=rnd, stats=stats)
@@ -274,7 +295,8 @@ class Federation:
         total = self._unmask(rnd, session, parties, updates, hop, stats) if session is not None else None
         new_agg, metrics = agg_half.aggregator_step(spec, state.aggregator, updates, errors, total)
         new_state = FederationState(aggregator=new_agg, clouds=clouds, names=state.names)
-        return new_state, _with_transport(metrics, stats, time.perf_counter() - t0)
+        record = _with_transport(metrics, stats, time.perf_counter() - t0)
+        return new_state, (dict(record, phase=self.phase) if self.drift is not None else record)
 
     def _share_keys(self, rnd: int, got: dict, hop, stats: dict) -> tuple[dict, tuple]:
         """Secure aggregation's rounds 0-1: keys advertised, shares routed; the clouds of U2 with their parties."""
@@ -307,8 +329,14 @@ class Federation:
         return effective_frozen(self.frozen, state.agg_state)
 
     def evaluate(self, state: FederationState) -> dict:
-        """Eval loss and perplexity of the global model, global and per cloud."""
-        return self.evaluator(state.params, self.frozen_of(state), self.cloud_names)
+        """Eval loss and perplexity (or accuracy) of the global model, global and per cloud; with drift,
+        also on every phase's held-out set (one scoring pass serves both)."""
+        frozen = self.frozen_of(state)
+        if self.drift is None or not self.evaluator.num_examples:
+            return self.evaluator(state.params, frozen, self.cloud_names)
+        scored = self.evaluator.scores(state.params, frozen)
+        out = self.evaluator(state.params, frozen, self.cloud_names, scored=scored)
+        return dict(out, **self.drift.evaluate(self.evaluator, scored, int(state.round)))
 
 
 def _party(stats: dict, cloud: str, step, msg):

@@ -124,7 +124,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     k = cfg.checkpoint
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
     _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
+    _validate_drift(cfg)
     return cfg
+
+
+def _validate_drift(cfg: TrainConfig) -> None:
+    """The drift schedule's shape (its labels are checked against the data when it is loaded)."""
+    d = cfg.drift
+    _one_of(d.remedy, "drift.remedy", ("none", "ewc"))
+    _require(d.ewc_lambda >= 0, "drift.ewc_lambda", f"must be >= 0, got {d.ewc_lambda}")
+    if not d.enabled:
+        _require(d.remedy == "none", "drift.remedy", f"={d.remedy} needs drift.enabled=true (a schedule of phases)")
+        return
+    _require(len(d.phases) >= 1, "drift.phases", "drift.enabled=true needs at least one phase")
+    _require(bool(d.label_field), "drift.label_field", "must name an example field")
+    for t, phase in enumerate(d.phases):
+        key = f"drift.phases.{t}"
+        _require(phase.rounds >= 1, f"{key}.rounds", f"must be >= 1, got {phase.rounds}")
+        _require(bool(phase.clouds), f"{key}.clouds", "lists no cloud, so no client would train in this phase")
+        for name, pc in phase.clouds.items():
+            _require(name in cfg.clouds.members, f"{key}.clouds.{name}",
+                     f"not a cloud; clouds.members are {sorted(cfg.clouds.members)}")
+            for label, frac in pc.keep.items():
+                _require(0 < frac <= 1, f"{key}.clouds.{name}.keep.{label}", f"must be in (0, 1], got {frac}")
+                _require(not pc.labels or label in pc.labels, f"{key}.clouds.{name}.keep.{label}",
+                         f"{label!r} is not among this phase's labels {list(pc.labels)}")
+    total = sum(p.rounds for p in d.phases)
+    _require(total <= cfg.run.rounds, "drift.phases",
+             f"their rounds add up to {total}, past run.rounds={cfg.run.rounds}; the later phases would never run")
+    if d.remedy == "ewc":
+        _require(cfg.model.lora.aggregation != "fedex", "drift.remedy",
+                 "=ewc cannot be combined with model.lora.aggregation=fedex (its base residual is aggregator state)")
 
 
 def _validate_model_and_task(cfg: TrainConfig) -> TrainConfig:

@@ -247,6 +247,7 @@ def round_batches(fd: FederatedData, client_ids: np.ndarray, cursors: np.ndarray
     else:
         steps_K = np.full(K, S, np.int64)
         count_K = np.full(K, S * B, np.int64)
+    steps_K, count_K = np.where(n_K > 0, steps_K, 0), np.where(n_K > 0, count_K, 0)  # nothing to train on
 
     idx_KxSB = np.zeros((K, S * B), np.int64)
     build = np.ones(K, bool) if materialize is None else np.asarray(materialize, bool)

@@ -153,3 +153,37 @@ def epsilon_figure(path: str, groups: Sequence[Group], m: Metric) -> Optional[st
                  "final round, bars: ± std)", fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
+
+
+def matrix_figure(path: str, groups: Sequence[Group], key: str, phase_names: Sequence[str], title: str,
+                  value_label: str = "held-out accuracy") -> Optional[str]:
+    """Continual learning's accuracy matrix, one heatmap per setting: cell (i, j) is the mean over
+    seeds (± std) of each run's `totals[key][i][j]`, the score on phase j's held-out set after phase i."""
+    shown = [g for g in groups if any(r.totals.get(key) for r in g.runs)]
+    if not shown:
+        return None
+    T = len(phase_names)
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = Figure(figsize=(1.1 * T * cols + 1.8, 1.0 * T * rows + 1.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    image = None
+    for ax, g in zip(axes, shown):
+        stack = np.array([r.totals[key] for r in g.runs if r.totals.get(key)], float)
+        mean, std = stack.mean(axis=0), stack.std(axis=0, ddof=1) if len(stack) > 1 else np.zeros(stack.shape[1:])
+        image = ax.imshow(mean, vmin=0.0, vmax=1.0, cmap="viridis")
+        for i in range(mean.shape[0]):
+            for j in range(mean.shape[1]):
+                text = f"{mean[i, j]:.2f}" + (f"\n±{std[i, j]:.2f}" if len(stack) > 1 else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if mean[i, j] < 0.55 else "black")
+        ax.set_xticks(range(T), [f"{n}\nset" for n in phase_names], fontsize=7)
+        ax.set_yticks(range(mean.shape[0]), [f"after {n}" for n in phase_names[:mean.shape[0]]], fontsize=7)
+        ax.set_xlabel("held-out set of phase", fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(f"{g.label} (n={len(stack)})", 40)), fontsize=8)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes[:len(shown)]), shrink=0.8, label=value_label)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
+    fig.savefig(path, dpi=DPI)
+    return path
