@@ -31,6 +31,8 @@ CHECKPOINTS = "checkpoints"
 LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY, "tensorboard"}
 # Keys that do not change what a run computes, so a rerun may change them.
 FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard"}
+# Key prefixes a rerun may change too: where and how deployed parties talk (not deploy.mode).
+FREE_PREFIXES = ("deploy.", "transport.")
 
 
 def resume_command(run_dir: str) -> str:
@@ -60,7 +62,7 @@ def config_diff(stored: TrainConfig, new: TrainConfig, ignore: set = FREE_KEYS) 
     missing = object()
     diff = []
     for key in sorted(set(a) | set(b)):
-        if key in ignore:
+        if key in ignore or (key.startswith(FREE_PREFIXES) and key != "deploy.mode"):
             continue
         old, cur = a.get(key, missing), b.get(key, missing)
         if old != cur:

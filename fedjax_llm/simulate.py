@@ -102,8 +102,12 @@ class Federation:
     """Every party of a run in one process: `init_state`, `run_round`, `evaluate`."""
 
     def __init__(self, cfg: TrainConfig, data: FederatedData, *, mesh: Optional[Mesh] = None,
-                 channel: Optional[Channel] = None, algorithm: Optional[Algorithm] = None):
+                 channel: Optional[Channel] = None, algorithm: Optional[Algorithm] = None,
+                 secagg_scale: Optional[float] = None):
+        """`secagg_scale`: the public constant that divides secure-sum vectors (default: the federation's
+        total weight from `data`; a deployed party, which sees one cloud's data or none, is given it)."""
         self.cfg = cfg
+        self._secagg_scale = secagg_scale
         self.mesh = mesh or make_mesh(cfg.run.devices)
         self.channel = channel or plaintext_channel()
         self.cloud_names = list(data.cloud_names)
@@ -176,8 +180,8 @@ class Federation:
         g = cfg.secure.secagg
         across = g.enabled and g.scope != "clients"
         secagg_params = protocol.params_for(g, len(self.cloud_names)) if across else None
-        scale = float(np.sum(data.num_train_examples() if cfg.client.weighting == "examples"
-                             else np.ones(data.num_clients)))
+        scale = self._secagg_scale or float(np.sum(data.num_train_examples() if cfg.client.weighting == "examples"
+                                                   else np.ones(data.num_clients)))
         self.clouds = []
         for c, name in enumerate(self.cloud_names):
             members = np.flatnonzero(data.client_cloud == c)
@@ -253,7 +257,7 @@ class Federation:
         total = self._unmask(rnd, session, parties, updates, hop, stats) if session is not None else None
         new_agg, metrics = agg_half.aggregator_step(spec, state.aggregator, updates, errors, total)
         new_state = FederationState(aggregator=new_agg, clouds=clouds, names=state.names)
-        return new_state, _with_transport(metrics, stats, time.perf_counter() - t0)
+        return new_state, with_transport(metrics, stats, time.perf_counter() - t0)
 
     def _share_keys(self, rnd: int, got: dict, hop, stats: dict) -> tuple[dict, tuple]:
         """Secure aggregation's rounds 0-1: keys advertised, shares routed; the clouds of U2 with their parties."""
@@ -302,7 +306,7 @@ def _party(stats: dict, cloud: str, step, msg):
         return None
 
 
-def _with_transport(metrics: dict, stats: dict, wall_s: float) -> dict:
+def with_transport(metrics: dict, stats: dict, wall_s: float) -> dict:
     """The aggregator's metrics with the transport's figures, in metrics.jsonl's order."""
     clouds = {n: {**{k: c[k] for k in ("train_loss", "train_ppl", "clients", "accepted")},
                   **{k: v for k, v in stats[n].items() if k != "error"}, "error": c["error"] or stats[n]["error"]}
