@@ -48,6 +48,9 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
     directory holding another run, other files, or (with cfg.resume) no run; a complete run is left as
     it is and its stored summary returned."""
     cfg = validate(cfg)  # before any data work or compilation
+    if cfg.deploy.mode == "local":  # the same run as one process per party (fedjax_llm/deploy/launch.py)
+        from fedjax_llm.deploy.launch import run_local
+        return run_local(cfg, run_dir, control or RunControl(), hydra_files)
     plan = rundir.plan_run(run_dir, cfg, must_hold_run=cfg.resume is not None)
     if plan.kind == "complete":
         log.info("%s", plan.message)

@@ -339,6 +339,13 @@ def _split_header(reader: _Reader) -> tuple[bytes, bytes]:
     return bytes(pre), bytes(reader.read(n))
 
 
+def peek_header(first_frame) -> SealHeader:
+    """The header of a sealed message from its first frame, NOT authenticated (routing and size checks
+    before opening; `open_stream` verifies it)."""
+    _, hb = _split_header(_Reader([first_frame]))
+    return SealHeader.from_bytes(hb)
+
+
 def _open_header(stream, recipient, trust, run_id, round, sender, replay):
     """Reads and authenticates the header, then checks routing, round and replay (in that order)."""
     reader = _Reader(stream)
