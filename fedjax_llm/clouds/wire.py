@@ -76,7 +76,7 @@ class Wire:
     def _limit(self, length: int, who: str, what: str) -> None:
         if length > self.max_bytes:
             raise MessageTooLarge(f"transport.max_message_mb: {what} from {who!r} announces "
-                                  f"{length / 2**20:.1f} MB, above the limit of {self.max_bytes / 2**20:.1f} MB; "
+                                  f"{length / 2**20:.3g} MB, above the limit of {self.max_bytes / 2**20:.3g} MB; "
                                   f"refused before reading it")
 
     def _open_sealed(self, first, rest, run_id, guard, sender, what) -> tuple[bytearray, dict]:

@@ -33,7 +33,7 @@ from fedjax_llm.deploy import parties
 from fedjax_llm.deploy import protocol as dp
 from fedjax_llm.deploy.hub import AGGREGATOR, Hub, read_facts, write_facts
 from fedjax_llm.deploy.keys import PartyKeys
-from fedjax_llm.errors import CheckpointError
+from fedjax_llm.errors import CheckpointError, RunStopped
 from fedjax_llm.evaluate import combine, empty_figures
 from fedjax_llm.lifecycle import RunControl, StopTraining
 from fedjax_llm.secure import protocol as sp
@@ -85,6 +85,13 @@ class AggregatorService:
         return facts
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        except RunStopped as e:  # the clouds stop too, with the reason
+            self._say_done("stopped", str(e))
+            raise
+
+    def _run(self) -> dict:
         import jax
 
         from fedjax_llm.checkpoint import Checkpointer, tree_digest
@@ -172,7 +179,7 @@ class AggregatorService:
             msg = open_round(spec, current)
             sent = hub.publish(live, "global", rnd, dp.pack("global", msg, round=rnd, final=final,
                                                            evaluate=pending["round"] if pending else None,
-                                                           saved=progress.saved or 0))
+                                                           saved=progress.saved or 0, scale=facts.get("scale")))
             log.info("round %d: %s to %s", rnd, "final model" if final else "global model", sorted(sent))
             if pending is not None:
                 t_eval = time.perf_counter()
@@ -237,6 +244,7 @@ class AggregatorService:
             sent, session = self._share_keys(rnd, spec, sent, until, errors)
         got, why = hub.collect("update", rnd, sent, until)
         errors.update(why)
+        dp.hold("aggregate", rnd)
         updates = {}
         for n in names:
             if n in got:

@@ -237,6 +237,8 @@ class CloudService:
         from fedjax_llm.evaluate import empty_figures
 
         msg = dp.unpack(payload, self.global_like)
+        if fields.get("scale") and fields["scale"] != self.cloud.secagg_scale:  # the federation's public total
+            self.cloud = dataclasses.replace(self.cloud, secagg_scale=float(fields["scale"]))
         if fields.get("evaluate") is not None:
             figures = self.fed.evaluator.figures(msg.params, _frozen_for(self.fed, msg))[self.name]
             figures = figures or empty_figures(self.cfg.data.task, self.fed.data.num_labels)
@@ -259,6 +261,7 @@ class CloudService:
             self.states = {k: v for k, v in self.states.items() if k < rnd and k >= rnd - self.ckpt_keep()}
             self.states[rnd] = new_state
             self.trained = rnd
+        dp.hold("upload", rnd)
         sent = self._upload("update", update, rnd)
         report = update.report
         self._log(dict(round=rnd, trained_from=since, clients=int((report.slot_client >= 0).sum()), sent=sent,
