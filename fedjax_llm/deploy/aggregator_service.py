@@ -171,6 +171,7 @@ class AggregatorService:
             if not final and privacy is not None and privacy.would_exceed():
                 log.warning("stopping before round %d: it would take epsilon past secure.dp.target_epsilon", rnd)
                 stopped_early, final = rnd - 1, True
+            dp.hold("publish", rnd)
             hub.new_round(rnd)
             live = self._wait_clouds(first)
             first = False

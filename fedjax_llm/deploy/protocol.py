@@ -35,16 +35,19 @@ FROM_CLOUD = ("eval", "keyad", "shares", "update", "reveal")
 LOCAL_KEYS = {"resume", "name", "run.progress", "run.tensorboard", "run.devices", "run.rounds", "run.eval_every",
               "data.path", "data.tokenizer_cache", "secure.keys_dir", "secure.trust_file"}
 LOCAL_PREFIXES = ("deploy.", "transport.", "checkpoint.")
-HOLD_ENV = "FEDJAX_LLM_DEPLOY_HOLD"   # test hook: "<point>:<round>" makes a party stop there for good
+HOLD_ENV = "FEDJAX_LLM_DEPLOY_HOLD"          # test hook: "<point>:<round>" makes a party stop there
+RELEASE_ENV = "FEDJAX_LLM_DEPLOY_RELEASE"    # ... until this file exists (unset: until it is killed)
 
 
 def hold(point: str, rnd: int) -> None:
     """Fault injection for tests: with FEDJAX_LLM_DEPLOY_HOLD=point:round, the party stops at that point
-    (it logs the line a test waits for, then sleeps until it is killed)."""
-    if os.environ.get(HOLD_ENV) == f"{point}:{rnd}":
-        logging.getLogger("fedjax_llm").warning("holding at %s of round %d (%s, a test hook)", point, rnd, HOLD_ENV)
-        while True:
-            time.sleep(1.0)
+    (it logs the line a test waits for), until FEDJAX_LLM_DEPLOY_RELEASE names a file that exists."""
+    if os.environ.get(HOLD_ENV) != f"{point}:{rnd}":
+        return
+    logging.getLogger("fedjax_llm").warning("holding at %s of round %d (%s, a test hook)", point, rnd, HOLD_ENV)
+    release = os.environ.get(RELEASE_ENV)
+    while not (release and os.path.exists(release)):
+        time.sleep(0.1)
 
 
 def new_session() -> str:
