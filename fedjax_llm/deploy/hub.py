@@ -16,10 +16,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import grpc
-import numpy as np
 
 from fedjax_llm.clouds import wire as wirelib
 from fedjax_llm.clouds.grpc_transport import Refused

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fedjax_llm.errors import UserError
 from fedjax_llm.secure.keys import (TRUST_FILE, Identity, IdentityError, PublicIdentity, check_name,
                                     generate_identities, load_identities, load_trust, trust_of, write_trust)
 
