@@ -257,3 +257,21 @@ def test_eval_figures_summed_over_clouds_give_the_scores_of_all_examples():
     assert got["eval_acc"] == want["accuracy"] and got["eval_f1"] == pytest.approx(want["macro_f1"], abs=1e-15)
     assert got["clouds"]["a"]["eval_acc"] == classification_scores(labels[0], preds[0])["accuracy"]
     assert got["clouds"]["b"] == dict(eval_loss=None, eval_acc=None, eval_f1=None)
+
+
+def test_mutual_tls_beneath_the_seal_admits_only_certified_parties(tmp_path):
+    init_keys([*CLOUDS, "aggregator"], str(tmp_path), tls=True)
+    cfg = _cfg("transport.tls.enabled=true")
+    keys = load_party(str(tmp_path), "aggregator", CLOUDS, cfg.transport.tls)
+    wire = wirelib.Wire("aggregator", keys.identity, keys.trust, sealed=True, max_bytes=2**20)
+    server, port = serve("127.0.0.1", 0, Hub(cfg, wire, dp.agreement(cfg)).handle, chunk_bytes=1 << 20, tls=keys.tls)
+    try:
+        at = dataclasses.replace(cfg, deploy=dataclasses.replace(cfg.deploy, port=port))
+        east = load_party(str(tmp_path), "east", ["aggregator"], cfg.transport.tls)
+        assert AggregatorLink(at, "east", east).hello(dp.agreement(cfg), FACTS)["cloud_session"]
+        plain = dataclasses.replace(at, transport=dataclasses.replace(at.transport, tls=dataclasses.replace(
+            at.transport.tls, enabled=False)))
+        with pytest.raises(Unreachable):  # no certificate: the TLS handshake never completes
+            AggregatorLink(plain, "east", dataclasses.replace(east, tls=None)).hello(dp.agreement(cfg), FACTS)
+    finally:
+        server.stop(grace=0)

@@ -108,3 +108,34 @@ def test_with_secure_aggregation_the_aggregator_never_holds_a_clouds_update(loca
         assert abs(float(np.mean(y / 2.0**32)) - 0.5) < 0.05  # uniform ring elements, not a small update
 
 
+
+
+def test_sigterm_stops_every_party_of_a_local_deployment_and_a_rerun_resumes_it(sims, base, train_env, tmp_path):
+    import re
+    import signal
+
+    from tests.runtools import newest_round, start_train, stop, wait_for
+
+    run = str(tmp_path / "run")
+    args = [*base, "deploy=local", f"hydra.run.dir={run}"]
+    launcher = start_train(args, train_env, str(tmp_path / "launcher.log"))
+    try:
+        assert wait_for(lambda: newest_round(os.path.join(run, "aggregator")) >= 1, launcher, timeout=400), \
+            open(tmp_path / "launcher.log").read()[-3000:]
+    finally:
+        code = stop(launcher, signal.SIGTERM)
+    log = open(tmp_path / "launcher.log").read()
+    assert code == 143, log[-3000:]
+    pids = [int(p) for p in re.findall(r"'(?:aggregator|east|central|west)': (\d+)", log)]
+    assert len(pids) == 4
+    for pid in pids:  # every party stopped and was reaped
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" not in open(f"/proc/{pid}/status").read().lower()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    events = [json.loads(ln)["event"] for ln in open(os.path.join(run, "aggregator", "history.jsonl"))]
+    assert events == ["start", "stopped"], events
+    out = run_train(args, train_env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_deployment_equals(sims(), os.path.join(run, "aggregator"))
+    assert [json.loads(ln)["event"] for ln in open(os.path.join(run, "history.jsonl"))] == \
+        ["start", "stopped", "start", "complete"]
