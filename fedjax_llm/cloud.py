@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from fedjax_llm import participation
+from fedjax_llm import distributed, participation
 from fedjax_llm.config import AttackConfig, ClientConfig, ParticipationConfig, SecureConfig
 from fedjax_llm.data.federated import FederatedData, round_batches
 from fedjax_llm.messages import CloudReport, CloudUpdate, GlobalMsg, MaskedUpdate, ProtocolError, error_bytes
@@ -51,6 +51,9 @@ class Engine:
     frozen: Params
     hparams: ClientHParams
     loop: bool               # client.backend=loop: client by client, failures named
+    rows: tuple = (0, 1 << 62)  # the padded slots [start, stop) on this process's devices (all of them in
+                             # one process)
+    shared_frozen: Any = None  # multi-process: the frozen base as a global array, replicated once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +128,15 @@ def describe(cloud: Cloud, local: int) -> str:
 
 def round_inputs(cloud: Cloud, state: CloudState, cohort: participation.Cohort,
                  k_clients: jax.Array) -> tuple[RoundInputs, np.ndarray]:
-    """The cohort's padded inputs (ids local to the cloud) and the clients' new data cursors."""
+    """The cohort's padded inputs (ids local to the cloud) and the clients' new data cursors. In a
+    multi-process run only the slots on this process's devices get their examples gathered."""
     cfg, data = cloud.client, cloud.data
     ids, K, Kp = cohort.ids, len(cohort.ids), cloud.engine.layout.padded
     cursors = np.zeros(data.num_clients, np.int64)  # round_batches indexes cursors by data client id
     cursors[cloud.members] = state.cursors
+    start, stop = cloud.engine.rows
     rb = round_batches(data, cloud.members[ids], cursors, cfg.local_steps, cfg.batch_size,
-                       int(state.data_seed), cfg.local_epochs)
+                       int(state.data_seed), cfg.local_epochs, materialize=(np.arange(K) >= start) & (np.arange(K) < stop))
     weights = np.where(cohort.dropped, 0, cloud.weights[ids]).astype(np.float32)
     attacked = cloud.byzantine[ids]
     tokens, labels = rb.tokens, rb.labels
@@ -161,7 +166,12 @@ def _compute(cloud: Cloud, msg: GlobalMsg, inputs: RoundInputs, rnd: int, ids: n
     if eng.loop:
         name = lambda i: describe(cloud, ids[i]) if i < len(ids) else f"cloud {cloud.name!r}, padding slot {i}"  # noqa: E731
         return eng.run(*args, inputs, eng.hparams, rnd, name)
-    return eng.run(*args, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams)
+    if eng.shared_frozen is None:
+        return eng.run(*args, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams)
+    # Several processes: each puts its own slots' rows; the result comes back to every host.
+    params, broadcast, hparams = distributed.put_replicated((msg.params, msg.broadcast, eng.hparams), eng.mesh)
+    rows = distributed.put_rows(inputs, input_sharding(eng.mesh), eng.layout.padded, eng.rows)
+    return distributed.fetch(eng.run(params, eng.shared_frozen, broadcast, rows, hparams))
 
 
 def cloud_step(cloud: Cloud, state: CloudState, msg: GlobalMsg,

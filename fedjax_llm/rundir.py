@@ -30,7 +30,9 @@ CHECKPOINTS = "checkpoints"
 # What a start that failed before writing config.yaml may leave; such a directory still counts as empty.
 LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY, "tensorboard"}
 # Keys that do not change what a run computes, so a rerun may change them.
-FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard"}
+FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard",
+             "run.compile_cache_dir", "run.distributed", "run.coordinator_address", "run.process_id",
+             "run.distributed_timeout_s"}
 # Key prefixes a rerun may change too: where and how deployed parties talk (not deploy.mode).
 FREE_PREFIXES = ("deploy.", "transport.")
 

@@ -24,7 +24,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from fedjax_llm import aggregator as agg_half
-from fedjax_llm import participation
+from fedjax_llm import distributed, participation
 from fedjax_llm.aggregate.lora_round import client_ranks, effective_frozen
 from fedjax_llm.aggregator import AggregatorSpec, AggregatorState, SecureSumSpec
 from fedjax_llm.algorithms import Algorithm, LoRAScheme, build_algorithm, server_update
@@ -164,12 +164,19 @@ class Federation:
         if layout not in self._engines:
             collect = cfg.secure.secagg.enabled and cfg.secure.secagg.scope != "clouds"
             loop = cfg.client.backend == "loop"
+            multi = jax.process_count() > 1
+            if loop and multi:
+                raise ValueError("client.backend=loop runs clients one by one in one process; a multi-process "
+                                 "run needs client.backend=vmap")
             if loop:
                 run = make_loop_compute(self.local_update, self.algo.reducer, self.algo.transform, 1, collect=collect)
             else:
                 run = make_round_compute(self.local_update, self.algo.reducer, self.algo.transform, 1, self.mesh,
                                          layout, collect=collect)
-            self._engines[layout] = Engine(run, self.local_update, layout, self.mesh, self.frozen, self.hparams, loop)
+            rows = distributed.local_rows(self.mesh, layout.padded) if multi else (0, 1 << 62)
+            shared = distributed.put_replicated(self.frozen, self.mesh) if multi else None
+            self._engines[layout] = Engine(run, self.local_update, layout, self.mesh, self.frozen, self.hparams, loop,
+                                           rows, shared)
         return self._engines[layout]
 
     def _build(self) -> None:
