@@ -245,7 +245,7 @@ class Federation:
             tree, sender=sender, recipient=recipient, round=rnd, stats=stats)
 
         down = agg_half.open_round(spec, state.aggregator)
-        got = {n: hop(down, AGGREGATOR, n) for n in names}
+        got = self.transport.broadcast(down, sender=AGGREGATOR, recipients=names, round=rnd, stats=stats)
         parties, session = {}, None
         if spec.secure is not None:
             parties, session = self._share_keys(rnd, got, hop, stats)
