@@ -123,6 +123,36 @@ def test_keys_and_serve_clis_fail_with_one_line_naming_the_path(tmp_path):
     assert str(missing / "east") in lines[0] and lines[0].startswith("fedjax-llm-serve: error: deploy.keys_dir")
 
 
+def test_an_aggregator_fails_at_start_up_naming_the_trust_file_without_a_peer_or_the_port_in_use(tmp_path):
+    import json
+
+    init_keys([*CLOUDS, "aggregator"], str(tmp_path / "keys"))
+    trust = tmp_path / "keys" / "aggregator" / "trust.json"
+    doc = json.loads(trust.read_text())
+
+    def serve_aggregator(port, run):
+        env = dict(os.environ)
+        env.pop("HYDRA_FULL_ERROR", None)
+        out = subprocess.run([sys.executable, "-m", "fedjax_llm.deploy.serve", "aggregator", "task=topics",
+                              "debug=tiny", f"deploy.port={port}", f"deploy.keys_dir={tmp_path / 'keys'}",
+                              f"hydra.run.dir={tmp_path / run}"], capture_output=True, text=True, timeout=300, env=env)
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        return lines[0]
+
+    del doc["parties"]["west"]
+    trust.write_text(json.dumps(doc))
+    line = serve_aggregator(1, "a")
+    assert str(trust) in line and "'west'" in line, line
+    trust.write_text(json.dumps(json.loads((tmp_path / "keys" / "east" / "trust.json").read_text())))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = serve_aggregator(port, "b")
+    assert f"deploy.port: cannot listen on 127.0.0.1:{port}" in line, line
+
+
 # ----- the transport -----------------------------------------------------------------------------------------
 def test_a_large_message_streams_as_sealed_chunks_and_opens_once(keys_dir):
     east, agg = _east(keys_dir), load_party(keys_dir, "aggregator", CLOUDS)

@@ -13,6 +13,7 @@ answers with a gRPC status and a one-line reason, raised here as `Refused`.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from concurrent import futures
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
@@ -73,6 +74,7 @@ def serve(host: str, port: int, handle: Callable[[Iterator[bytes], str], Iterabl
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=_options(chunk_bytes))
     server.add_generic_rpc_handlers((handler,))
     address = f"{host}:{port}"
+    _check_free(host, port)  # before gRPC tries: its own failure also logs a line of its C core to stderr
     try:
         if tls is not None:
             ca, cert, key = tls
@@ -81,7 +83,7 @@ def serve(host: str, port: int, handle: Callable[[Iterator[bytes], str], Iterabl
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as e:
-        bound, why = 0, str(e)
+        bound, why = 0, str(e).split(";")[0]
     else:
         why = ""
     if not bound:
@@ -89,6 +91,18 @@ def serve(host: str, port: int, handle: Callable[[Iterator[bytes], str], Iterabl
                              f"machine){': ' + why if why else ''}; choose another deploy.port or deploy.host")
     server.start()
     return server, bound
+
+
+def _check_free(host: str, port: int) -> None:
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise TransportError(f"deploy.port: cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                                 "deploy.port or deploy.host") from None
 
 
 class Connection:

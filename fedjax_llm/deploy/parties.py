@@ -36,6 +36,9 @@ def check_deployable(cfg: TrainConfig) -> None:
         raise ConfigError("data.task: classification with clouds that select their own examples needs a label "
                           "set agreed up front, which deployed clouds do not negotiate yet; use clouds without "
                           "select or data.task=lm")
+    if cfg.run.distributed == "explicit":
+        raise ConfigError("run.distributed: a deployed party runs as one process (jax.distributed across a "
+                          "cloud's own hosts is not wired into fedjax-llm-serve yet); use run.distributed=off")
     if cfg.secure.compression != "none":
         raise ConfigError(f"secure.compression: {cfg.secure.compression!r} is not carried by the deployed "
                           "transport yet; use secure.compression=none")

@@ -17,7 +17,12 @@ import os
 import sys
 from typing import Optional
 
-import hydra
+from fedjax_llm.lifecycle import exit_on_signals_while_starting
+
+if __name__ == "__main__":  # python -m fedjax_llm.deploy.serve (the console script: fedjax_llm.deploy.main)
+    exit_on_signals_while_starting("fedjax-llm-serve")
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -39,8 +44,11 @@ def serve_party(cfg: TrainConfig, role: str, name: Optional[str], run_dir: str, 
     from fedjax_llm.deploy.parties import check_deployable
     from fedjax_llm.validation import validate
 
+    from fedjax_llm import compile_cache
+
     cfg = validate(cfg)
     check_deployable(cfg)
+    compile_cache.enable(cfg.run.compile_cache_dir)
     clouds = list(cfg.clouds.members)
     if role == "cloud" and name not in clouds:
         raise ConfigError(f"--name: {name!r} is not a cloud of this run (clouds.members: {clouds})")
