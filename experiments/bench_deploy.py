@@ -43,19 +43,25 @@ def bench_share(workload: str, rounds: int) -> None:
     import dataclasses
 
     import jax
-    from bench_round import WORKLOADS, Workload, make_config, synthetic_data
+    from bench_round import WORKLOADS, Workload, synthetic_data
 
     from fedjax_llm import config as C
     from fedjax_llm.clouds.channel import Channel
     from fedjax_llm.secure.round import make_channel
     from fedjax_llm.simulate import Federation
+    from fedjax_llm.validation import validate
 
     w = Workload(workload, *WORKLOADS[workload])
     w.K = 9
     data = synthetic_data(w)
     data = dataclasses.replace(data, client_cloud=np.repeat(np.arange(3), 3).astype(np.int32),
                                cloud_names=["c0", "c1", "c2"])
-    base = make_config(w, 0)
+    base = C.TrainConfig()  # bench_round.make_config's workload, three clouds of three clients
+    base.model = C.ModelConfig(size=w.size, lora=C.LoRAConfig(enabled=w.lora, rank=8, alpha=16.0,
+                                                              targets=["q_proj", "v_proj"]))
+    base.data = C.DataConfig(seq_len=w.seq, vocab_size=w.vocab)
+    base.client = C.ClientConfig(local_steps=w.S, batch_size=w.B, optimizer="adamw", lr=1e-3, grad_clip=1.0)
+    base.checkpoint = C.CheckpointConfig(enabled=False)
     base.clouds = C.CloudsConfig(members={n: C.CloudConfig(clients=3) for n in data.cloud_names})
     print(f"\n(share) {workload}, 9 clients in 3 clouds, median of {rounds} rounds after a warm-up round")
     print("| channel | s / round | seal + open s | their share of the round | overhead vs plaintext |")
@@ -63,7 +69,7 @@ def bench_share(workload: str, rounds: int) -> None:
     plain = None
     for label, seal, once in (("plaintext", False, True), ("sealed, per recipient (before)", True, False),
                               ("sealed, serialize once (now)", True, True)):
-        cfg = C.validate(dataclasses.replace(base, secure=C.SecureConfig(seal=seal)))
+        cfg = validate(dataclasses.replace(base, secure=C.SecureConfig(seal=seal)))
         channel, _ = make_channel(cfg.secure, data.cloud_names, tempfile.mkdtemp(), "bench")
         if not once:
             channel = Channel(send=channel.send, receive=channel.receive)  # no broadcast: one hop per cloud
