@@ -134,8 +134,11 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                      pieces: Sequence[ClientPiece] = ()) -> Callable[..., tuple[ClientOutput, dict]]:
-    """Builds the pure client update from a task loss, an optax optimizer and algorithm pieces."""
+                      pieces: Sequence[ClientPiece] = (),
+                      place_grads: Optional[Callable[[Params], Params]] = None) -> Callable[..., tuple[ClientOutput, dict]]:
+    """Builds the pure client update from a task loss, an optax optimizer and algorithm pieces.
+    `place_grads` lays out each step's gradients (a sharding constraint when the model is split over a
+    mesh axis)."""
     pieces = tuple(pieces)
 
     def total_loss(params, global_params, frozen, inputs, key, broadcast):
@@ -162,6 +165,8 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             params, opt = carry
             inputs, valid, step_key = xs
             (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, run_frozen, inputs, step_key, broadcast)
+            if place_grads is not None:
+                grads = place_grads(grads)
             for p in pieces:
                 if p.adjust_grads is not None:
                     grads = p.adjust_grads(grads, state.get(p.name), broadcast.get(p.name))

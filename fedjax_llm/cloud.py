@@ -29,7 +29,7 @@ from fedjax_llm import distributed, participation
 from fedjax_llm.config import AttackConfig, ClientConfig, ParticipationConfig, SecureConfig
 from fedjax_llm.data.federated import FederatedData, round_batches
 from fedjax_llm.messages import CloudReport, CloudUpdate, GlobalMsg, MaskedUpdate, ProtocolError, error_bytes
-from fedjax_llm.round import RoundInputs, RoundLayout, client_template, input_sharding
+from fedjax_llm.round import MODEL, RoundInputs, RoundLayout, client_template, fsdp_shardings, input_sharding
 from fedjax_llm.secure import dp as dplib
 from fedjax_llm.secure.protocol import CloudSecAgg
 from fedjax_llm.secure.round import noise_share_std, secure_mean_of_clients, sum_vector
@@ -53,7 +53,8 @@ class Engine:
     loop: bool               # client.backend=loop: client by client, failures named
     rows: tuple = (0, 1 << 62)  # the padded slots [start, stop) on this process's devices (all of them in
                              # one process)
-    shared_frozen: Any = None  # multi-process: the frozen base as a global array, replicated once
+    placed_frozen: Any = None  # the frozen base placed once on the mesh (several processes, or split over
+                             # a model axis); None: passed as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +167,23 @@ def _compute(cloud: Cloud, msg: GlobalMsg, inputs: RoundInputs, rnd: int, ids: n
     if eng.loop:
         name = lambda i: describe(cloud, ids[i]) if i < len(ids) else f"cloud {cloud.name!r}, padding slot {i}"  # noqa: E731
         return eng.run(*args, inputs, eng.hparams, rnd, name)
-    if eng.shared_frozen is None:
-        return eng.run(*args, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams)
-    # Several processes: each puts its own slots' rows; the result comes back to every host.
-    params, broadcast, hparams = distributed.put_replicated((msg.params, msg.broadcast, eng.hparams), eng.mesh)
-    rows = distributed.put_rows(inputs, input_sharding(eng.mesh), eng.layout.padded, eng.rows)
-    return distributed.fetch(eng.run(params, eng.shared_frozen, broadcast, rows, hparams))
+    out = eng.run(*placed_args(eng, msg, inputs))
+    return out if jax.process_count() == 1 else distributed.fetch(out)  # several: back to every host
+
+
+def placed_args(eng: Engine, msg: GlobalMsg, inputs: RoundInputs) -> tuple:
+    """The compiled round's arguments, on the mesh: each process puts only its own slots' rows; a model
+    axis splits the global params like the frozen base (full fine-tuning trains them split)."""
+    frozen = eng.frozen if eng.placed_frozen is None else eng.placed_frozen
+    if jax.process_count() == 1 and MODEL not in eng.mesh.axis_names:
+        return msg.params, frozen, msg.broadcast, jax.device_put(inputs, input_sharding(eng.mesh)), eng.hparams
+    params = distributed.put_global(msg.params, fsdp_shardings(msg.params, eng.mesh))
+    broadcast, hparams = distributed.put_replicated((msg.broadcast, eng.hparams), eng.mesh)
+    if jax.process_count() == 1:
+        rows = jax.device_put(inputs, input_sharding(eng.mesh))
+    else:
+        rows = distributed.put_rows(inputs, input_sharding(eng.mesh), eng.layout.padded, eng.rows)
+    return params, frozen, broadcast, rows, hparams
 
 
 def cloud_step(cloud: Cloud, state: CloudState, msg: GlobalMsg,

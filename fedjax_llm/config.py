@@ -211,6 +211,14 @@ class SecureConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    clients: int = 0               # devices on the clients axis (0 = run.devices, or every device / model)
+    model: int = 1                 # devices over which the frozen base (and, with full fine-tuning, the
+                                   # params each client trains) is sharded, FSDP-style: each weight split
+                                   # along its largest divisible dimension, gathered by XLA where used
+
+
+@dataclasses.dataclass
 class RunConfig:
     rounds: int = 18
     eval_every: int = 1            # rounds between evaluations (the last round always evaluates)
@@ -218,6 +226,7 @@ class RunConfig:
     on_nonfinite: str = "drop"     # drop: NaN/Inf clients are excluded and counted | stop
     progress: bool = True          # tqdm bar with round, loss and ETA
     devices: int = 0               # devices on the clients mesh axis (0 = all local devices)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     tensorboard: bool = True       # TensorBoard event files in RUN_DIR/tensorboard (process 0 only)
     distributed: str = "auto"      # several processes as one run (jax.distributed): off | auto (when SLURM with
                                    # > 1 task, Open MPI or JAX_COORDINATOR_ADDRESS is detected) | explicit

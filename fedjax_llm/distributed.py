@@ -200,18 +200,24 @@ def put_rows(tree: Any, sharding: Any, padded: int, rows: tuple[int, int]) -> An
         sharding, np.asarray(a)[start:stop], (padded,) + np.shape(a)[1:]), tree)
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Global arrays laid out as `shardings` (a matching tree), from the same host values on every process;
+    each process places only the pieces its devices hold."""
+    import jax
+
+    def one(a: Any, sharding: Any) -> Any:
+        host = np.asarray(jax.device_get(a))
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def put_replicated(tree: Any, mesh: Any) -> Any:
     """Global arrays replicated on every device of `mesh`, from the same host values on every process."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    sharding = NamedSharding(mesh, P())
-
-    def one(a: Any) -> Any:
-        host = np.asarray(jax.device_get(a))
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(one, tree)
+    return put_global(tree, jax.tree.map(lambda _: NamedSharding(mesh, P()), tree))
 
 
 def fetch(tree: Any) -> Any:

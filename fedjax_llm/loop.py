@@ -101,9 +101,10 @@ def _build(cfg: TrainConfig, run_dir: str, procs: distributed.Processes):
     except (ValueError, OSError) as e:
         raise e if isinstance(e, UserError) else ModelError(f"model: {e}") from e
     privacy = Privacy(cfg, data) if cfg.secure.dp.enabled else None
-    log.info("model: %d trainable / %d frozen params; cohort %d clients, layout %s on %d %s device(s)",
+    mesh = " x ".join(f"{n} {k}" for k, n in fed.mesh.shape.items())
+    log.info("model: %d trainable / %d frozen params; cohort %d clients, layout %s on %d %s device(s) (mesh %s)",
              count_params(fed.init_params), count_params(fed.frozen), fed.cohort_size,
-             fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform)
+             fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform, mesh)
     return data, fed, channel_info, privacy
 
 

@@ -22,6 +22,7 @@ from fedjax_llm.aggregate.base import Reducer
 from fedjax_llm.types import ClientBatches, ClientHParams, ClientOutput, CloudAggregate, Params
 
 AXIS = "clients"
+MODEL = "model"  # a second mesh axis the frozen base is sharded over (run.mesh.model); XLA partitions it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +137,19 @@ def make_round_compute(local_update: Callable, reducer: Reducer, transform: Call
             return reducer.accumulate(acc, out, x.onehot), (out.loss_sum, out.tokens, out.finite, state, kept)
 
         acc, per_client = jax.lax.scan(chunk_step, acc0, local)
+        if MODEL in mesh.axis_names:
+            # XLA's partitioner cannot all-reduce over the manual axis a value it keeps split over the
+            # automatic one: gather the accumulators over the model axis first
+            acc = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, P()), acc)
         acc = reducer.combine(acc, AXIS)
         return (acc,) + jax.tree.map(lambda a: a[None], per_client)
 
+    # The clients axis is manual (each device runs its clients); a model axis stays automatic, so XLA's
+    # partitioner gathers the sharded frozen weights where each layer uses them (FSDP-style).
+    manual = {"axis_names": {AXIS}} if MODEL in mesh.axis_names else {}
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P()),
-                            out_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS)), check_vma=False)
+                            out_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P(AXIS)), check_vma=False,
+                            **manual)
 
     @jax.jit
     def compute(trainable: Params, frozen: Params, broadcast: Any, inputs: RoundInputs,
@@ -158,6 +167,30 @@ def make_round_compute(local_update: Callable, reducer: Reducer, transform: Call
 def input_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of the padded client axis across the mesh."""
     return NamedSharding(mesh, P(AXIS))
+
+
+def fsdp_spec(shape: tuple, m: int) -> P:
+    """Split over the model axis along the largest dimension that its size m divides (else replicated)."""
+    dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if m > 1 and shape[d] % m == 0]
+    if not dims:
+        return P()
+    spec = [None] * len(shape)
+    spec[dims[0]] = MODEL
+    return P(*spec)
+
+
+def fsdp_shardings(tree: Any, mesh: Mesh) -> Any:
+    """Per leaf of `tree`: its FSDP sharding over the mesh's model axis (replicated without one)."""
+    m = mesh.shape.get(MODEL, 1)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(getattr(leaf, "shape", ()), m)), tree)
+
+
+def fsdp_grads(mesh: Mesh) -> Callable[[Params], Params]:
+    """Constrains a client's gradients to the FSDP layout inside the round (without it XLA:CPU's
+    partitioner propagates a layout whose global-norm reduction it cannot partition)."""
+    m = mesh.shape[MODEL]
+    return lambda grads: jax.tree.map(
+        lambda g: jax.lax.with_sharding_constraint(g, fsdp_spec(g.shape, m)), grads)
 
 
 class ClientStageError(RuntimeError):

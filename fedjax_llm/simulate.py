@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from fedjax_llm import aggregator as agg_half
 from fedjax_llm import distributed, participation
+from fedjax_llm.errors import ConfigError
 from fedjax_llm.aggregate.lora_round import client_ranks, effective_frozen
 from fedjax_llm.aggregator import AggregatorSpec, AggregatorState, SecureSumSpec
 from fedjax_llm.algorithms import Algorithm, LoRAScheme, build_algorithm, server_update
@@ -38,7 +39,8 @@ from fedjax_llm.data.federated import FederatedData
 from fedjax_llm.evaluate import make_evaluator
 from fedjax_llm.messages import MessageError
 from fedjax_llm.models.build import build_model, freeze_lora_a
-from fedjax_llm.round import AXIS, default_chunk, make_loop_compute, make_round_compute, plan_layout
+from fedjax_llm.round import (AXIS, MODEL, default_chunk, fsdp_grads, fsdp_shardings, make_loop_compute,
+                              make_round_compute, plan_layout)
 from fedjax_llm.secure import protocol
 from fedjax_llm.secure.secagg import SecAggError
 from fedjax_llm.types import ClientHParams
@@ -90,12 +92,21 @@ def lora_scheme(cfg: TrainConfig, population: int) -> Optional[LoRAScheme]:
                       lo.rank)
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
+def make_mesh(num_devices: int = 0, model: int = 1) -> Mesh:
+    """The clients mesh over `num_devices` devices (0 = all), times `model` devices per client slot when
+    the frozen base is sharded (run.mesh.model)."""
     devices = jax.devices()
-    n = num_devices or len(devices)
-    if n > len(devices):
-        raise ValueError(f"run.devices: asked for {n} devices, only {len(devices)} available")
-    return Mesh(np.array(devices[:n]), (AXIS,))
+    if model <= 1:
+        n = num_devices or len(devices)
+        if n > len(devices):
+            raise ConfigError(f"run.devices: asked for {n} devices, only {len(devices)} available")
+        return Mesh(np.array(devices[:n]), (AXIS,))
+    clients = num_devices or len(devices) // model
+    if clients < 1 or clients * model > len(devices):
+        raise ConfigError(f"run.mesh: {max(clients, 1)} client slot(s) x model {model} needs "
+                          f"{max(clients, 1) * model} devices, {len(devices)} available (on CPU, "
+                          "XLA_FLAGS=--xla_force_host_platform_device_count=N gives N)")
+    return Mesh(np.array(devices[:clients * model]).reshape(clients, model), (AXIS, MODEL))
 
 
 class Federation:
@@ -108,7 +119,7 @@ class Federation:
         total weight from `data`; a deployed party, which sees one cloud's data or none, is given it)."""
         self.cfg = cfg
         self._secagg_scale = secagg_scale
-        self.mesh = mesh or make_mesh(cfg.run.devices)
+        self.mesh = mesh or make_mesh(cfg.run.mesh.clients or cfg.run.devices, cfg.run.mesh.model)
         self.channel = channel or plaintext_channel()
         self.cloud_names = list(data.cloud_names)
         self.root = jax.random.key(cfg.seed)
@@ -126,7 +137,8 @@ class Federation:
         self.byzantine = participation.byzantine_clients(cfg.attack, data.client_cloud, self.cloud_names, k_attack)
         self.cohort_size = participation.cohort_capacity(cfg, data.client_cloud)
         self.local_update = make_local_update(make_task_loss(cfg.data.task, self.fns.apply),
-                                              client_optimizer(cfg.client), self.algo.pieces)
+                                              client_optimizer(cfg.client), self.algo.pieces,
+                                              fsdp_grads(self.mesh) if MODEL in self.mesh.axis_names else None)
         self.transport = InProcessTransport(self.channel, {n: Link.from_config(cfg.clouds.members[n].link)
                                                            for n in self.cloud_names})
         self._engines: dict = {}
@@ -160,7 +172,7 @@ class Federation:
         """The compiled compute for a cloud of `capacity` slots (clouds of one size share it)."""
         cfg = self.cfg
         chunk = cfg.client.clients_per_chunk or default_chunk(self.mesh.devices.flat[0].platform)
-        layout = plan_layout(capacity, self.mesh.size, chunk)
+        layout = plan_layout(capacity, self.mesh.shape[AXIS], chunk)
         if layout not in self._engines:
             collect = cfg.secure.secagg.enabled and cfg.secure.secagg.scope != "clouds"
             loop = cfg.client.backend == "loop"
@@ -174,9 +186,11 @@ class Federation:
                 run = make_round_compute(self.local_update, self.algo.reducer, self.algo.transform, 1, self.mesh,
                                          layout, collect=collect)
             rows = distributed.local_rows(self.mesh, layout.padded) if multi else (0, 1 << 62)
-            shared = distributed.put_replicated(self.frozen, self.mesh) if multi else None
+            placed = None
+            if multi or MODEL in self.mesh.axis_names:  # placed once: replicated, or split over the model axis
+                placed = distributed.put_global(self.frozen, fsdp_shardings(self.frozen, self.mesh))
             self._engines[layout] = Engine(run, self.local_update, layout, self.mesh, self.frozen, self.hparams, loop,
-                                           rows, shared)
+                                           rows, placed)
         return self._engines[layout]
 
     def _build(self) -> None:

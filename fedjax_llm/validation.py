@@ -112,6 +112,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _one_of(r.on_nonfinite, "run.on_nonfinite", ("drop", "stop"))
     _require(r.devices >= 0, "run.devices", "must be >= 0 (0 = all)")
     validate_layout(r)
+    _require(r.mesh.clients >= 0, "run.mesh.clients", f"must be >= 0 (0 = every device / model), got {r.mesh.clients}")
+    _require(r.mesh.model >= 1, "run.mesh.model", f"must be >= 1, got {r.mesh.model}")
+    _require(not (r.mesh.clients and r.devices and r.mesh.clients != r.devices), "run.mesh.clients",
+             f"{r.mesh.clients} disagrees with run.devices={r.devices} (set one of them)")
+    if r.mesh.model > 1:
+        _require(cfg.client.backend == "vmap", "run.mesh.model",
+                 f"> 1 shards the model inside the jitted round; client.backend={cfg.client.backend!r} runs "
+                 "clients one by one outside it")
 
     k = cfg.checkpoint
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")

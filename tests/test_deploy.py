@@ -203,6 +203,15 @@ def test_an_untrusted_key_an_impersonation_or_another_config_is_refused_at_hello
     assert not aggregator.hub.peers
 
 
+def test_the_agreement_skips_a_partys_own_devices_paths_and_caches_but_not_what_it_computes():
+    mine = dp.agreement(_cfg())
+    local = dp.agreement(_cfg("run.compile_cache_dir=/elsewhere", "run.mesh.clients=1", "run.devices=1",
+                              "run.distributed=off", "checkpoint.keep=9", "deploy.heartbeat_s=9"))
+    assert dp.disagreement(mine, local) == []
+    assert dp.disagreement(mine, dp.agreement(_cfg("client.lr=0.5", "run.eval_batch_size=7"))) == \
+        ["client.lr", "run.eval_batch_size"]
+
+
 def test_a_replayed_message_or_hello_is_refused(aggregator, keys_dir):
     link = aggregator.link("east", _east(keys_dir))
     link.hello(dp.agreement(aggregator.cfg), FACTS)

@@ -33,8 +33,10 @@ FROM_CLOUD = ("eval", "keyad", "shares", "update", "reveal")
 
 # Keys each party may set for itself: where it listens, its paths, its devices, its checkpoints.
 LOCAL_KEYS = {"resume", "name", "run.progress", "run.tensorboard", "run.devices", "run.rounds", "run.eval_every",
-              "data.path", "data.tokenizer_cache", "secure.keys_dir", "secure.trust_file"}
-LOCAL_PREFIXES = ("deploy.", "transport.", "checkpoint.")
+              "data.path", "data.tokenizer_cache", "secure.keys_dir", "secure.trust_file", "run.compile_cache_dir",
+              "run.distributed", "run.coordinator_address", "run.num_processes", "run.process_id",
+              "run.distributed_timeout_s"}
+LOCAL_PREFIXES = ("deploy.", "transport.", "checkpoint.", "run.mesh.")
 HOLD_ENV = "FEDJAX_LLM_DEPLOY_HOLD"          # test hook: "<point>:<round>" makes a party stop there
 RELEASE_ENV = "FEDJAX_LLM_DEPLOY_RELEASE"    # ... until this file exists (unset: until it is killed)
 
