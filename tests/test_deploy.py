@@ -186,6 +186,22 @@ def test_hello_registers_a_trusted_cloud_and_messages_flow_both_ways(aggregator,
     assert kind == "ack"
 
 
+def test_the_aggregator_releases_a_message_once_the_cloud_fetched_a_later_one(aggregator, keys_dir):
+    link = aggregator.link("east", _east(keys_dir), _cfg())
+    link.hello(dp.agreement(aggregator.cfg), FACTS)
+    peer = aggregator.hub.peers["east"]
+    for rnd in (1, 2, 3):
+        aggregator.hub.publish(["east"], "global", rnd, dp.pack("global", {"x": np.full(4, rnd, np.float32)}, round=rnd))
+    fetched = []
+    for seq in (0, 1, 1):  # the second fetch of message 1: a retry after a broken reply still gets it
+        payload, kind, fields = link.call("fetch", seq=seq)
+        fetched.append(float(dp.unpack(payload, {"x": np.zeros(4, np.float32)})["x"][0]))
+    assert fetched == [1.0, 2.0, 2.0]
+    assert [p is None for _, _, p, _ in peer.outbox] == [True, False, False]  # memory: one model per round at most
+    with pytest.raises(Refused, match="was released once a later one was fetched"):
+        link.call("fetch", seq=0)
+
+
 def test_an_untrusted_key_an_impersonation_or_another_config_is_refused_at_hello(aggregator, keys_dir, tmp_path):
     init_keys(["mallory", "east", "aggregator"], str(tmp_path))
     mallory = load_party(str(tmp_path), "mallory", ["aggregator"])

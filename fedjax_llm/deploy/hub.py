@@ -41,7 +41,8 @@ class Peer:
     session: str
     run_id: str
     guard: ReplayGuard
-    outbox: list            # [(kind, round, payload, fields)], its messages of this session in order
+    outbox: list            # [(kind, round, payload, fields)], its messages of this session in order; a
+                            # payload older than the newest one fetched in full is released (None)
     last_seen: float
     facts: dict
 
@@ -186,13 +187,16 @@ class Hub:
             if self.peers.get(peer.name) is not peer:
                 return dp.pack("none")
             kind, rnd, payload, fields = peer.outbox[after]
-        return dp.pack("next", seq=after, kind=kind, round=rnd, bytes=len(payload), fields=fields)
+        return dp.pack("next", seq=after, kind=kind, round=rnd, bytes=len(payload or b""), fields=fields)
 
     def _fetch(self, peer: Peer, seq: int) -> Iterable[bytes]:
         with self.cond:
             if not 0 <= seq < len(peer.outbox):
                 raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"no message {seq} for {peer.name!r}")
             kind, rnd, payload, _ = peer.outbox[seq]
+        if payload is None:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE, f"message {seq} ({kind} of round {rnd}) for {peer.name!r} "
+                          "was released once a later one was fetched")
         box = [0]
         frames = self.wire.frames(payload, recipient=peer.name, run_id=peer.run_id)
 
@@ -200,6 +204,9 @@ class Hub:
             yield from _counting(frames, box)
             with self.cond:
                 self.fetched.add((peer.session, seq))
+                for i in range(seq):  # the cloud asks for message seq only once it holds every earlier one
+                    k, r, _, f = peer.outbox[i]
+                    peer.outbox[i] = (k, r, None, f)
                 self.cond.notify_all()
                 st = self.stats.get(peer.name)
                 if st is not None and kind != "done":
