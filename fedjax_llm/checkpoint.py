@@ -126,10 +126,19 @@ class Checkpointer:
             raise ValueError("metadata does not match its digest")
         return state, meta
 
-    def restore(self, like: Any, quarantine: bool = True) -> Optional[tuple[Any, dict]]:
-        """Newest valid (state, meta) shaped like `like`; None when there is no checkpoint at all. With
-        `quarantine`, the invalid steps newer than the one restored move to checkpoints/corrupt/."""
-        steps = self.steps()
+    def delete_after(self, step: int) -> None:
+        """Removes the steps newer than `step` (a deployed cloud whose aggregator went back to an older
+        round recomputes them)."""
+        for s in self.steps():
+            if s > step:
+                self.manager.delete(s)
+        self.manager.reload()
+
+    def restore(self, like: Any, quarantine: bool = True, max_step: Optional[int] = None) -> Optional[tuple[Any, dict]]:
+        """Newest valid (state, meta) shaped like `like` (at most step `max_step`); None when there is no
+        such checkpoint. With `quarantine`, the invalid steps newer than the one restored move to
+        checkpoints/corrupt/."""
+        steps = [s for s in self.steps() if max_step is None or s <= max_step]
         if not steps:
             return None
         treedef = jax.tree_util.tree_structure(like)

@@ -281,10 +281,16 @@ def _report(cloud: Cloud, rnd: int, ids, cohort, nonfinite, error: str, local_st
 
 
 def update_template(cloud: Cloud, state: CloudState, msg: GlobalMsg) -> CloudAggregate:
-    """Zeros shaped like this cloud's aggregate (what a receiver expects), from the shapes alone."""
-    one = participation.Cohort(ids=np.zeros(1, np.int64), dropped=np.zeros(1, bool),
-                               steps=np.full(1, cloud.client.local_steps, np.int64))
-    inputs, _ = round_inputs(cloud, state, one, jax.random.key(0))
+    """Zeros shaped like this cloud's aggregate (what a receiver expects), from the shapes alone: no
+    example is read, so a party without the cloud's data (the aggregator) can build it."""
+    S, B, T = cloud.client.local_steps, cloud.client.batch_size, cloud.data.tokens.shape[1]
+    task_inputs = {"tokens": np.zeros((1, S, B, T), np.int32), "loss_mask": np.zeros((1, S, B, T), cloud.data.loss_mask.dtype)}
+    if cloud.data.labels is not None:
+        task_inputs["labels"] = np.zeros((1, S, B), np.int32)
+    keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(0), 1)))
+    inputs = RoundInputs(batches=ClientBatches(inputs=task_inputs, step_mask=np.ones((1, S), bool)), keys=keys,
+                         weights=np.zeros(1, np.float32), onehot=np.ones((1, 1), np.float32),
+                         attacked=np.zeros(1, bool), state=jax.tree.map(lambda s: s[:1], state.client_states))
     eng = cloud.engine
     out = client_template(eng.local_update, msg.params, eng.frozen, inputs, eng.hparams, msg.broadcast)
     zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, np.float32), t)  # noqa: E731

@@ -278,6 +278,49 @@ class DriftConfig:
     remedy: str = "none"           # none | ewc: an EWC / FedCurv penalty anchoring the parameters that
                                    # mattered in earlier phases (drift/ewc.py)
     ewc_lambda: float = 1.0        # ewc: penalty strength on the Fisher divided by its largest entry
+class TLSConfig:
+    """Mutual TLS beneath the seal on the gRPC transport (every message is sealed either way)."""
+
+    enabled: bool = False
+    ca: Optional[str] = None       # PEM of the CA that signed every party's certificate
+                                   # (default: <party key dir>/tls/ca.crt, from fedjax-llm-keys init --tls)
+    cert: Optional[str] = None     # this party's certificate (default: <party key dir>/tls/<party>.crt)
+    key: Optional[str] = None      # its private key (default: <party key dir>/tls/<party>.key)
+
+
+@dataclasses.dataclass
+class TransportConfig:
+    """How deployed parties exchange sealed messages (gRPC; fedjax_llm/clouds/grpc_transport.py)."""
+
+    max_message_mb: float = 1024.0  # largest message a party accepts; checked on the sealed header,
+                                   # before any chunk is read
+    deadline_s: float = 30.0       # base deadline of every call
+    min_rate_mbps: float = 8.0     # deadlines grow with the payload: deadline_s + bytes / this rate
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclasses.dataclass
+class DeployConfig:
+    """The aggregator and the clouds as separate processes (fedjax_llm/deploy/)."""
+
+    mode: str = "none"             # none: every party in one process (the simulation) | local:
+                                   # fedjax-llm-train starts the aggregator and one process per cloud
+    host: str = "127.0.0.1"        # the aggregator's address: it listens there, clouds connect to it
+    port: int = 0                  # 0: a free port (deploy=local); fedjax-llm-serve needs one
+    keys_dir: Optional[str] = None  # per-party key directories (fedjax-llm-keys init --out DIR); a party
+                                   # reads only DIR/<party>/ (default with deploy=local: RUN_DIR/keys)
+    round_timeout_s: float = 600.0  # the aggregator waits this long for a round's updates, then
+                                   # aggregates those that arrived (at least secure.quorum)
+    start_timeout_s: float = 300.0  # a round waits this long for clouds not registered yet (never for
+                                   # one known dead)
+    heartbeat_s: float = 2.0       # a cloud's heartbeat period
+    dead_after_s: float = 10.0     # silent this long: the peer counts as dead
+    retries: int = 6               # attempts of a call before the peer counts as unreachable
+    backoff_s: float = 0.5         # first wait between attempts, doubling up to backoff_max_s
+    backoff_max_s: float = 8.0
+    reconnect_s: float = 120.0     # a cloud keeps trying to reach a lost aggregator this long
+    poll_s: float = 2.0            # one poll for the aggregator's next message waits at most this long
+    audit_dir: Optional[str] = None  # the aggregator writes every payload it opened here (audits, tests)
 
 
 @dataclasses.dataclass
@@ -297,6 +340,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
 
 
 def register_configs() -> None:

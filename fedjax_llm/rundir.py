@@ -33,6 +33,8 @@ LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY, "tensorboard"}
 FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard",
              "run.compile_cache_dir", "run.distributed", "run.coordinator_address", "run.process_id",
              "run.distributed_timeout_s", "run.plan_only"}
+# Key prefixes a rerun may change too: where and how deployed parties talk (not deploy.mode).
+FREE_PREFIXES = ("deploy.", "transport.")
 
 
 def resume_command(run_dir: str) -> str:
@@ -62,7 +64,7 @@ def config_diff(stored: TrainConfig, new: TrainConfig, ignore: set = FREE_KEYS) 
     missing = object()
     diff = []
     for key in sorted(set(a) | set(b)):
-        if key in ignore:
+        if key in ignore or (key.startswith(FREE_PREFIXES) and key != "deploy.mode"):
             continue
         old, cur = a.get(key, missing), b.get(key, missing)
         if old != cur:

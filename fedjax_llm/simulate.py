@@ -122,8 +122,12 @@ class Federation:
     """Every party of a run in one process: `init_state`, `run_round`, `evaluate`."""
 
     def __init__(self, cfg: TrainConfig, data: FederatedData, *, mesh: Optional[Mesh] = None,
-                 channel: Optional[Channel] = None, algorithm: Optional[Algorithm] = None):
+                 channel: Optional[Channel] = None, algorithm: Optional[Algorithm] = None,
+                 secagg_scale: Optional[float] = None):
+        """`secagg_scale`: the public constant that divides secure-sum vectors (default: the federation's
+        total weight from `data`; a deployed party, which sees one cloud's data or none, is given it)."""
         self.cfg = cfg
+        self._secagg_scale = secagg_scale
         self.mesh = mesh or make_mesh(cfg.run.mesh.clients or cfg.run.devices, cfg.run.mesh.model)
         self.channel = channel or plaintext_channel()
         self.cloud_names = list(data.cloud_names)
@@ -216,8 +220,8 @@ class Federation:
         g = cfg.secure.secagg
         across = g.enabled and g.scope != "clients"
         secagg_params = protocol.params_for(g, len(self.cloud_names)) if across else None
-        scale = float(np.sum(data.num_train_examples() if cfg.client.weighting == "examples"
-                             else np.ones(data.num_clients)))
+        scale = self._secagg_scale or float(np.sum(data.num_train_examples() if cfg.client.weighting == "examples"
+                                                   else np.ones(data.num_clients)))
         self.clouds = []
         for c, name in enumerate(self.cloud_names):
             members = np.flatnonzero(data.client_cloud == c)
@@ -276,7 +280,7 @@ class Federation:
             tree, sender=sender, recipient=recipient, round=rnd, stats=stats)
 
         down = agg_half.open_round(spec, state.aggregator)
-        got = {n: hop(down, AGGREGATOR, n) for n in names}
+        got = self.transport.broadcast(down, sender=AGGREGATOR, recipients=names, round=rnd, stats=stats)
         parties, session = {}, None
         if spec.secure is not None:
             parties, session = self._share_keys(rnd, got, hop, stats)
@@ -295,7 +299,7 @@ class Federation:
         total = self._unmask(rnd, session, parties, updates, hop, stats) if session is not None else None
         new_agg, metrics = agg_half.aggregator_step(spec, state.aggregator, updates, errors, total)
         new_state = FederationState(aggregator=new_agg, clouds=clouds, names=state.names)
-        record = _with_transport(metrics, stats, time.perf_counter() - t0)
+        record = with_transport(metrics, stats, time.perf_counter() - t0)
         return new_state, (dict(record, phase=self.phase) if self.drift is not None else record)
 
     def _share_keys(self, rnd: int, got: dict, hop, stats: dict) -> tuple[dict, tuple]:
@@ -351,7 +355,7 @@ def _party(stats: dict, cloud: str, step, msg):
         return None
 
 
-def _with_transport(metrics: dict, stats: dict, wall_s: float) -> dict:
+def with_transport(metrics: dict, stats: dict, wall_s: float) -> dict:
     """The aggregator's metrics with the transport's figures, in metrics.jsonl's order."""
     clouds = {n: {**{k: c[k] for k in ("train_loss", "train_ppl", "clients", "accepted")},
                   **{k: v for k, v in stats[n].items() if k != "error"}, "error": c["error"] or stats[n]["error"]}

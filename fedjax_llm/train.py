@@ -46,7 +46,8 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
     """Trains (or resumes) into run_dir and returns the summary dict. Refuses, changing nothing, a
     directory holding another run, other files, or (with cfg.resume) no run; a complete run is left as
     it is and its stored summary returned. With several processes (run.distributed) every process calls
-    this with the same config; only process 0 writes the directory."""
+    this with the same config; only process 0 writes the directory. With deploy.mode=local the run is one
+    process per party (fedjax_llm/deploy/launch.py)."""
     cfg = validate(cfg)  # before any data work or compilation; a bad config touches no device
     for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -57,6 +58,9 @@ def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
         plan = plan_for_run(cfg)
         print(format_plan(plan), flush=True)
         return {"plan_fits": plan.fits}
+    if cfg.deploy.mode == "local":  # the same run as one process per party (fedjax_llm/deploy/launch.py)
+        from fedjax_llm.deploy.launch import run_local
+        return run_local(cfg, run_dir, control or RunControl(), hydra_files)
     procs = distributed.start(cfg.run)  # before any device is touched
     distributed.agree(rundir.flat_config(cfg), procs)
     control = control or RunControl()

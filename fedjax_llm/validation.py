@@ -125,6 +125,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")
     _require(k.keep >= 1, "checkpoint.keep", f"must be >= 1, got {k.keep}")
     _validate_drift(cfg)
+    _validate_deploy(cfg)
     return cfg
 
 
@@ -324,3 +325,18 @@ def _validate_secure(cfg: TrainConfig) -> None:
         if d.accountant == "pld":
             _require(cfg.participation.sampling == "poisson", "secure.dp.accountant",
                      "pld supports Poisson sampling only (participation.sampling=poisson)")
+
+
+def _validate_deploy(cfg: TrainConfig) -> None:
+    dp, t = cfg.deploy, cfg.transport
+    _one_of(dp.mode, "deploy.mode", ("none", "local"))
+    _require(0 <= dp.port <= 65535, "deploy.port", f"must be in [0, 65535], got {dp.port}")
+    for key in ("round_timeout_s", "start_timeout_s", "heartbeat_s", "dead_after_s", "backoff_s", "backoff_max_s",
+                "reconnect_s", "poll_s"):
+        _require(getattr(dp, key) > 0, f"deploy.{key}", f"must be > 0, got {getattr(dp, key)}")
+    _require(dp.dead_after_s > dp.heartbeat_s, "deploy.dead_after_s",
+             f"must exceed deploy.heartbeat_s={dp.heartbeat_s}, got {dp.dead_after_s}")
+    _require(dp.retries >= 1, "deploy.retries", f"must be >= 1, got {dp.retries}")
+    _require(t.max_message_mb > 0, "transport.max_message_mb", f"must be > 0, got {t.max_message_mb}")
+    _require(t.deadline_s > 0, "transport.deadline_s", f"must be > 0, got {t.deadline_s}")
+    _require(t.min_rate_mbps > 0, "transport.min_rate_mbps", f"must be > 0, got {t.min_rate_mbps}")

@@ -2,11 +2,12 @@
 
 A `Channel` turns a tree into bytes for one hop (`send`) and bytes back into a tree (`receive`). The
 plaintext channel only serializes and checks routing; the secure layer provides a sealing channel with
-the same two functions, so the round code does not change.
+the same two functions, so the round code does not change, and a `broadcast` that serializes a tree
+sent to every cloud once and seals it per recipient.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Protocol
+from typing import Any, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from fedjax_llm.clouds import message
 
@@ -21,9 +22,16 @@ class ReceiveFn(Protocol):
                  round: int) -> tuple[Any, dict[str, str]]: ...
 
 
+class BroadcastFn(Protocol):
+    def __call__(self, tree: Any, *, sender: str, recipients: Sequence[str], round: int,
+                 meta: Mapping[str, str] | None = None) -> dict[str, bytes]: ...
+
+
 class Channel(NamedTuple):
     send: SendFn
     receive: ReceiveFn
+    # One tree to several recipients, serialized once (None: one `send` per recipient).
+    broadcast: Optional[BroadcastFn] = None
 
 
 class RoutingError(message.MessageError):

@@ -75,13 +75,36 @@ def read_header(data: bytes) -> dict:
     return header
 
 
-def decode(data: bytes, like: Any) -> tuple[Any, dict[str, str]]:
-    """Bytes -> (pytree shaped like `like`, metadata); raises MessageError naming what differs."""
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+              "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _views(data) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors payload as views into its buffer (no copy)."""
+    mv = memoryview(data).cast("B")
+    n = int.from_bytes(mv[:8], "little")
+    out = {}
+    for name, t in json.loads(bytes(mv[8:8 + n])).items():
+        if name == "__metadata__":
+            continue
+        dt = np.dtype(_ST_DTYPES[t["dtype"]])
+        begin, end = t["data_offsets"]
+        if not 0 <= begin <= end <= len(mv) - 8 - n or (end - begin) % dt.itemsize:
+            raise ValueError(f"tensor {name!r}: offsets {begin}..{end} outside the payload")
+        a = np.frombuffer(mv, dt, count=(end - begin) // dt.itemsize, offset=8 + n + begin)
+        out[name] = a.reshape(t["shape"])
+    return out
+
+
+def decode(data: bytes, like: Any, views: bool = False) -> tuple[Any, dict[str, str]]:
+    """Bytes -> (pytree shaped like `like`, metadata); raises MessageError naming what differs. With
+    `views`, the arrays are views into `data` (no copy: pass a buffer nothing else will change)."""
     header = read_header(data)
     expected = structure_digest(like)
     found = header.get("structure")
     try:
-        arrays = st_load(data)
+        arrays = _views(data) if views else st_load(data)
     except Exception as e:  # safetensors raises its own error types for corrupt payloads
         raise MessageError(f"message payload unreadable: {e}") from None
     dtypes = header.get("dtypes", {})

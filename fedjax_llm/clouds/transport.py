@@ -3,14 +3,17 @@
 A hop serializes (and, with the sealed channel, seals) a tree on the sender's side and opens it on
 the recipient's, as a deployment does across the wire; a message that does not open is refused and the
 reason kept for the round's metrics. Per cloud it counts bytes each way, the link model's transfer
-seconds and the measured seal and open seconds. The services' gRPC transport will do the same send
-and receive in two processes.
+seconds and the measured seal and open seconds. A broadcast (the global model to every cloud) is
+serialized once and sealed per recipient. The services' gRPC transport (clouds/grpc_transport.py) does
+the same send and receive in two processes.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Any, Mapping, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, Optional, Sequence
 
 from fedjax_llm.clouds.channel import Channel
 from fedjax_llm.clouds.link import Link
@@ -40,21 +43,49 @@ class InProcessTransport:
             like: Any = None) -> Optional[Any]:
         """The tree as the recipient opened it, or None when it was refused (the reason goes to the
         cloud's stats). `like` is the structure the recipient expects (default: the sent tree's)."""
-        cloud = recipient if sender == AGGREGATOR else sender
-        st = stats[cloud]
         t0 = time.perf_counter()
         data = self.channel.send(tree, sender=sender, recipient=recipient, round=round)
-        t1 = time.perf_counter()
+        self._sent(data, sender, recipient, stats, time.perf_counter() - t0)
+        return self._open(data, tree if like is None else like, sender, recipient, round, stats)
+
+    def broadcast(self, tree: Any, *, sender: str, recipients: Sequence[str], round: int,
+                  stats: Mapping[str, dict]) -> dict[str, Optional[Any]]:
+        """`hop` of one tree to every recipient, serialized once when the channel can (then sealed and
+        opened per recipient on threads, as the recipients' own processes would); the wall time of the
+        sealing and of the opening is shared evenly among the recipients' stats."""
+        if self.channel.broadcast is None or len(recipients) < 2:
+            return {r: self.hop(tree, sender=sender, recipient=r, round=round, stats=stats) for r in recipients}
+        t0 = time.perf_counter()
+        sealed = self.channel.broadcast(tree, sender=sender, recipients=list(recipients), round=round)
+        each = (time.perf_counter() - t0) / len(recipients)
+        for r in recipients:
+            self._sent(sealed[r], sender, r, stats, each)
+        with ThreadPoolExecutor(min(len(recipients), os.cpu_count() or 1)) as pool:
+            opened = list(pool.map(lambda r: self._open(sealed[r], tree, sender, r, round, stats, timed=False),
+                                   recipients))
+        each = (time.perf_counter() - t0) / len(recipients) - each
+        for r in recipients:
+            stats[r if sender == AGGREGATOR else sender]["open_s"] += each
+        return dict(zip(recipients, opened))
+
+    def _sent(self, data, sender: str, recipient: str, stats: Mapping[str, dict], seal_s: float) -> None:
+        cloud = recipient if sender == AGGREGATOR else sender
+        st = stats[cloud]
         st["bytes_down" if sender == AGGREGATOR else "bytes_up"] += len(data)
         st["comm_s"] += self.links[cloud].transfer_seconds(len(data))
-        st["seal_s"] += t1 - t0
+        st["seal_s"] += seal_s
+
+    def _open(self, data, like: Any, sender: str, recipient: str, round: int, stats: Mapping[str, dict],
+              timed: bool = True) -> Optional[Any]:
+        st = stats[recipient if sender == AGGREGATOR else sender]
+        t1 = time.perf_counter()
         try:
-            out, _ = self.channel.receive(data, like=tree if like is None else like, sender=sender,
-                                          recipient=recipient, round=round)
+            out, _ = self.channel.receive(data, like=like, sender=sender, recipient=recipient, round=round)
             return out
         except MessageError as e:
             log.warning("round %d: message %s -> %s rejected: %s", round, sender, recipient, e)
             refuse(st, f"{sender}->{recipient}: {type(e).__name__}: {e}")
             return None
         finally:
-            st["open_s"] += time.perf_counter() - t1
+            if timed:
+                st["open_s"] += time.perf_counter() - t1

@@ -126,8 +126,15 @@ def _partition(examples, idx, n_clients, partition_cfg: PartitionConfig, rng, cl
 
 
 def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, clouds_cfg: CloudsConfig,
-                         seed: int) -> FederatedData:
-    """Loads, assigns examples to clouds and clients, holds out eval, trains the tokenizer on train, encodes."""
+                         seed: int, only_cloud: Optional[str] = None) -> FederatedData:
+    """Loads, assigns examples to clouds and clients, holds out eval, trains the tokenizer on train, encodes.
+
+    `only_cloud` builds one cloud's view (a deployed cloud's process): the population keeps every
+    client's name and cloud, but only that cloud's clients hold examples. Clouds that `select` their
+    examples load only their own (the tokenizer must then come from data.tokenizer_path or the model, not
+    from every cloud's text); clouds that share one pool partition it as the simulation does and drop the
+    other clouds' rows before anything is encoded.
+    """
     cloud_names = list(clouds_cfg.members)
     if not cloud_names:
         raise ValueError("clouds.members: at least one cloud is needed")
@@ -140,10 +147,13 @@ def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, c
     selecting = [n for n in cloud_names if clouds_cfg.members[n].select]
     if selecting and len(selecting) != len(cloud_names):
         raise ValueError(f"clouds.members: either every cloud sets select or none does; only {selecting} do")
+    only = None if only_cloud is None else cloud_names.index(only_cloud)
     if selecting:  # one pool per cloud: (indices, its clients' global ids, key to change)
         owner = _cloud_owner(examples, clouds_cfg, partition_cfg.cloud_field)
-        examples = [e for e, o in zip(examples, owner) if o >= 0]
-        owner = owner[owner >= 0]
+        kept = owner >= 0 if only is None else owner == only
+        examples = [e for e, k in zip(examples, kept) if k]
+        owner = owner[kept]
+        total = total if only is None else len(examples)
         pools = [(np.nonzero(owner == c)[0], np.nonzero(client_cloud == c)[0], f"clouds.members.{name}.clients")
                  for c, name in enumerate(cloud_names)]
     else:          # one shared pool, clients handed to clouds in order
@@ -152,6 +162,8 @@ def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, c
     train_idx: list[np.ndarray] = [np.zeros(0, np.int64)] * len(client_names)
     eval_idx: list[np.ndarray] = list(train_idx)
     for p, (idx, clients, key) in enumerate(pools):
+        if only is not None and selecting and p != only:
+            continue  # another cloud's pool: not loaded here
         if len(idx) < len(clients):
             raise ValueError(f"client {client_names[clients[len(idx)]]} gets no example: {len(idx)} examples "
                              f"for {len(clients)} clients; use fewer clients ({key})")
@@ -162,15 +174,22 @@ def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, c
         for c, part in zip(clients, parts):
             train_idx[c], eval_idx[c] = split_eval(part, data_cfg.eval_fraction, _rng(seed, _SALT_EVAL, c))
     for c, t in enumerate(train_idx):
-        if len(t) == 0:
+        if len(t) == 0 and (only is None or client_cloud[c] == only):
             raise ValueError(f"client {client_names[c]} has no training example; use fewer clients "
                              f"(clouds.members.{cloud_names[client_cloud[c]]}.clients)")
 
+    # With a shared pool, the tokenizer and the label set are those of the whole pool, as in the simulation.
     tokenizer = _tokenizer(data_cfg, examples, train_idx)
-    labels, label_names = None, []
+    label_names = []
+    if data_cfg.task == "classify":
+        label_names = sorted(set(_field(examples, np.arange(len(examples)), data_cfg.label_field,
+                                        "data.label_field").tolist()))
+    if only is not None and not selecting:
+        examples, train_idx, eval_idx = _keep_cloud(examples, train_idx, eval_idx, client_cloud == only)
+        total = len(examples)
+    labels = None
     if data_cfg.task == "classify":
         values = _field(examples, np.arange(len(examples)), data_cfg.label_field, "data.label_field")
-        label_names = sorted(set(values.tolist()))
         labels = np.searchsorted(np.array(label_names, dtype=object), values).astype(np.int32)
         enc = encode_classify(tokenizer, examples, data_cfg.seq_len)
     elif is_hf_tokenizer(tokenizer):
@@ -182,6 +201,17 @@ def build_federated_data(data_cfg: DataConfig, partition_cfg: PartitionConfig, c
                          tokenizer=tokenizer, num_truncated=enc.num_truncated,
                          excluded=total - len(examples), examples=examples, labels=labels,
                          label_names=label_names)
+
+
+def _keep_cloud(examples: list, train_idx: list, eval_idx: list, mine: np.ndarray) -> tuple[list, list, list]:
+    """Only the rows of the clients marked `mine`, re-indexed; every other client keeps no example."""
+    rows = np.sort(np.concatenate([train_idx[c] for c in np.flatnonzero(mine)]
+                                  + [eval_idx[c] for c in np.flatnonzero(mine)] + [np.zeros(0, np.int64)]))
+    new_of = np.full(len(examples), -1, np.int64)
+    new_of[rows] = np.arange(len(rows))
+    none = np.zeros(0, np.int64)
+    return ([examples[i] for i in rows], [new_of[t] if m else none for t, m in zip(train_idx, mine)],
+            [new_of[e] if m else none for e, m in zip(eval_idx, mine)])
 
 
 def _tokenizer(data_cfg: DataConfig, examples: Sequence[Example], train_idx: list[np.ndarray]) -> Any:

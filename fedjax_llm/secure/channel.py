@@ -1,12 +1,16 @@
 """The sealing channel: the `clouds.channel.Channel` seam with every hop encrypted, signed and checked.
 
 send: tree -> (optional compression) -> `clouds.message.encode` -> `seal`; receive: `open_sealed` ->
-decode against `like` -> decompress. With compression "none" the payload is exactly the plaintext
+decode against `like` -> decompress; broadcast: one encode and one payload digest, then `seal` per
+recipient on threads. With compression "none" the payload is exactly the plaintext
 channel's, so a sealed run and an unsealed run produce bitwise identical models.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Collection, Mapping, Optional
 
 from fedjax_llm.clouds import message
@@ -89,6 +93,34 @@ def sealed_channel(identities: Mapping[str, Identity], trust: Trust, run_id: str
                     run_id=run_id, structure=message.structure_digest(tree), compression=hop.tag(),
                     cipher=cfg.cipher, chunk_bytes=cfg.chunk_bytes)
 
+    def broadcast(tree, *, sender, recipients, round, meta=None):
+        """{recipient: sealed bytes}: serialized and hashed once, sealed per recipient on threads (hashlib
+        releases the GIL); the same bytes per recipient as `send` would give, up to the random salt."""
+        hops = {C.Compression() if compress_recipients is not None and r not in compress_recipients else spec
+                for r in recipients}
+        if len(hops) > 1 or len(recipients) < 2:  # compressed for some recipients only: one send each
+            return {r: send(tree, sender=sender, recipient=r, round=round, meta=meta) for r in recipients}
+        ident = _identity(sender, "sender", round)
+        for r in recipients:
+            if r not in trust:
+                raise IdentityError(f"secure.channel: round {round}: recipient {r!r} is not in the trust "
+                                    f"list ({sorted(trust)})")
+        seqs = {}
+        for r in recipients:
+            seqs[r] = st.next_seq.get((sender, r), 0)
+            st.next_seq[(sender, r)] = seqs[r] + 1
+        hop = hops.pop()
+        payload = message.encode(tree if hop.method == "none" else C.compress(tree, hop), meta)
+        structure, digest = message.structure_digest(tree), hashlib.sha256(payload).digest()
+
+        def one(r):
+            return seal(payload, sender=ident, recipient=trust[r], round=round, seq=seqs[r], run_id=run_id,
+                        structure=structure, compression=hop.tag(), cipher=cfg.cipher,
+                        chunk_bytes=cfg.chunk_bytes, payload_sha256=digest)
+
+        with ThreadPoolExecutor(min(len(recipients), os.cpu_count() or 1)) as pool:
+            return dict(zip(recipients, pool.map(one, recipients)))
+
     def receive(data, *, like, sender, recipient, round):
         ident = _identity(recipient, "recipient", round)
         payload, h = open_sealed(data, recipient=ident, trust=trust, run_id=run_id, round=round,
@@ -110,4 +142,4 @@ def sealed_channel(identities: Mapping[str, Identity], trust: Trust, run_id: str
         routing = {"sender": h.sender, "recipient": h.recipient, "round": str(h.round), "seq": str(h.seq)}
         return tree, {**meta, **routing}
 
-    return Channel(send=send, receive=receive)
+    return Channel(send=send, receive=receive, broadcast=broadcast)

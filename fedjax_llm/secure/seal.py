@@ -201,8 +201,9 @@ def sealed_size(header: SealHeader) -> int:
 
 
 def _seal_frames(header: SealHeader, chunks: Iterable[Any], sender: Identity,
-                 recipient: PublicIdentity, alloc) -> Iterator[memoryview]:
-    """Writes the wire form into buffers from `alloc(n)`, one chunk at a time, yielding each."""
+                 recipient: PublicIdentity, alloc, payload_sha256: Optional[bytes] = None) -> Iterator[memoryview]:
+    """Writes the wire form into buffers from `alloc(n)`, one chunk at a time, yielding each.
+    `payload_sha256`: the payload's digest when the caller already has it (one payload, many recipients)."""
     hb, length, count, chunk_bytes = header.to_bytes(), header.length, header.count, header.chunk_bytes
     key, base = _derive(sender.agreement_key, recipient.agreement_key, hb, header.salt)
     aead = CIPHERS[header.cipher](key)
@@ -238,12 +239,13 @@ def _seal_frames(header: SealHeader, chunks: Iterable[Any], sender: Identity,
                 if len(buf) < want:
                     continue
                 plain = buf
-            payload_hash.update(plain)
+            if payload_sha256 is None:
+                payload_hash.update(plain)
             yield frame(index, plain)
             index, buf = index + 1, bytearray()
     if seen != length:
         raise ValueError(f"secure.seal: {header.where()}: payload gave {seen} bytes, declared {length}")
-    yield frame(count, payload_hash.digest())
+    yield frame(count, payload_hash.digest() if payload_sha256 is None else payload_sha256)
     out = alloc(SIG)
     out[:] = sender.signing_key.sign(_SIG_FINAL + hd + frames_hash.digest())
     yield out
@@ -262,13 +264,14 @@ def seal_stream(chunks: Iterable[Any], *, length: int, sender: Identity, recipie
 
 def seal(payload, *, sender: Identity, recipient: PublicIdentity, round: int, seq: int, run_id: str,
          structure: str = "", compression: str = "none", cipher: str = "aes-256-gcm",
-         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> bytearray:
-    """Seals one bytes-like payload for `recipient`, written in place into one bytearray (no copies)."""
+         chunk_bytes: int = DEFAULT_CHUNK_BYTES, payload_sha256: Optional[bytes] = None) -> bytearray:
+    """Seals one bytes-like payload for `recipient`, written in place into one bytearray (no copies).
+    `payload_sha256` (hashlib.sha256(payload).digest()) saves hashing a payload sealed for many recipients."""
     mv = memoryview(payload).cast("B")
     header = _header(len(mv), sender, recipient, round, seq, run_id, structure, compression, cipher,
                      chunk_bytes)
     buf = bytearray(sealed_size(header))
-    for _ in _seal_frames(header, [mv], sender, recipient, _slicer(buf)):
+    for _ in _seal_frames(header, [mv], sender, recipient, _slicer(buf), payload_sha256):
         pass
     return buf
 
@@ -337,6 +340,13 @@ def _split_header(reader: _Reader) -> tuple[bytes, bytes]:
         raise TamperedError(f"secure.seal: header length {n} exceeds {MAX_HEADER_BYTES}")
     reader.what = "the header"
     return bytes(pre), bytes(reader.read(n))
+
+
+def peek_header(first_frame) -> SealHeader:
+    """The header of a sealed message from its first frame, NOT authenticated (routing and size checks
+    before opening; `open_stream` verifies it)."""
+    _, hb = _split_header(_Reader([first_frame]))
+    return SealHeader.from_bytes(hb)
 
 
 def _open_header(stream, recipient, trust, run_id, round, sender, replay):
