@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from fedjax_llm.report import group as G
 from fedjax_llm.report.group import Group, Metric
@@ -151,5 +151,32 @@ def epsilon_figure(path: str, groups: Sequence[Group], m: Metric) -> Optional[st
     _legend_below(fig, ax, 4.4)
     fig.suptitle(f"{m.label} against privacy spent, per evaluated round (mean ± std over seeds; square: "
                  "final round, bars: ± std)", fontsize=10)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def final_vs_setting_figure(path: str, lines: Sequence[tuple[str, Sequence[Group]]], xs: Sequence[float],
+                            tick_labels: Sequence[str], m: Metric, xlabel: str, title: str,
+                            levels: Sequence[tuple[str, float]] = (), log_x: bool = True) -> str:
+    """Final m of each setting against a numeric setting (one line per (label, groups aligned with xs):
+    mean over seeds, band and bars = ± one sample std); `levels` are dotted reference lines."""
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for i, (label, groups) in enumerate(lines):
+        finals = [G.mean_std([G.final(r, m.key) for r in g.runs]) for g in groups]
+        c = dict(mean=np.asarray([f[0] for f in finals]), std=np.asarray([f[1] for f in finals]))
+        n = sorted({len(g.runs) for g in groups})
+        _band(ax, np.asarray(xs, float), c, _color(i), f"{label} (n={'/'.join(map(str, n))} seeds)")
+        ax.errorbar(xs, c["mean"], yerr=np.nan_to_num(c["std"]), color=_color(i), linestyle="none", capsize=3)
+    for j, (label, level) in enumerate(levels):
+        ax.axhline(level, color="0.45", linestyle=(0, (1, 2 + j)), linewidth=1, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(list(xs), list(tick_labels))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(xlabel)
+    _y_axis(ax, m)
+    _legend_below(fig, ax, 4.4)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
