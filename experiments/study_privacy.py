@@ -106,8 +106,9 @@ SMOKE = Design(clients_per_cloud=10, q=0.2, rounds=2, eval_every=1,
 @dataclasses.dataclass(frozen=True)
 class Arm:
     overrides: tuple
-    lr: float         # client AdamW learning rate (--tune)
-    clip: float       # DP-FedAvg clip C (--tune)
+    lr: float                   # client AdamW learning rate (--tune)
+    clip: float                 # DP-FedAvg clip C (--tune)
+    server_lr: dict = dataclasses.field(default_factory=dict)  # eps_key -> server SGD lr (--tune-dp; else 1)
 
 
 ARMS = {
@@ -115,7 +116,16 @@ ARMS = {
     "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.4),
     "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 5e-2, 2.0),
 }
-TUNE_LRS = {"pretrained-lora": (3e-3, 1e-2, 3e-2), "scratch": (2e-4, 5e-4, 2e-3), "bow": (2e-2, 5e-2, 2e-1)}
+SERVER_LRS = ((1.0, 0.3, 0.1), (0.03,))  # --tune-dp: the grid, then tried only while 0.1 is the best
+# --tune: the grid around study_pretrained.py's pick, then (below, above) tried one by one only while the
+# best so far is the smallest (largest) learning rate tried.
+TUNE_LRS = {"pretrained-lora": ((3e-3, 1e-2, 3e-2), (1e-3,), (1e-1, 3e-1)),
+            "scratch": ((2e-4, 5e-4, 2e-3), (1e-4,), (5e-3, 1e-2)),
+            "bow": ((2e-2, 5e-2, 2e-1), (1e-2,), (5e-1, 1.0))}
+
+
+def server_lr(arm: str, key: str) -> float:
+    return ARMS[arm].server_lr.get(key, 1.0)
 
 
 def eps_key(eps: float) -> str:
@@ -175,12 +185,17 @@ def population_overrides(d: Design) -> list[str]:
 
 
 def run_overrides(arm: str, d: Design, z: float, seed: int, extra: Sequence[str] = (),
-                  lr: Optional[float] = None, tune: bool = False) -> list[str]:
+                  lr: Optional[float] = None, server_lr: float = 1.0, tune: bool = False) -> list[str]:
     a = ARMS[arm]
     dp = (["secure.dp.noise_multiplier=0", "secure.dp.adaptive=true", "secure.dp.clip_lr=0.5",
            "secure.dp.clip=0.5"] if tune else [f"secure.dp.noise_multiplier={z}", f"secure.dp.clip={a.clip}"])
     return [*a.overrides, *population_overrides(d), f"client.lr={lr if lr is not None else a.lr}", *dp,
-            f"seed={seed}", *extra]
+            f"algorithm.server_lr={server_lr}", f"seed={seed}", *extra]
+
+
+def run_dir(runs: str, arm: str, key: str, server_lr: float, seed: int) -> str:
+    """One directory per run; --tune-dp's seed-0 runs are the study's own when the server lr is picked."""
+    return os.path.join(runs, arm, f"eps{key}", f"server_lr{server_lr:g}", f"seed{seed}")
 
 
 def run_one(overrides: list[str], run_dir: str) -> dict:
@@ -267,7 +282,7 @@ def write_outputs(saved: dict, out: str) -> str:
     head = [f"Command: `{saved['command']}`", f"Commit: `{saved['git_commit']}`", "",
             f"{design['population']} clients ({design['clients_per_cloud']} per cloud), Poisson sampling q = "
             f"{design['q']:g}, {design['rounds']} rounds, delta = {design['delta']:g}, RDP accountant. Final accuracy "
-            f"on the held-out examples after round {design['rounds']}, mean ± std over {n} seeds; always predicting "
+            f"on the held-out examples after round {design['rounds']}, mean ± std over {n} seed{'' if n == 1 else 's'}; always predicting "
             f"the most frequent training label scores {np.mean(majority):.3f}.", ""]
     text = "\n".join([*head, tables.md_table(matrix), tables.markdown(groups, columns)])
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
@@ -282,10 +297,10 @@ def write_outputs(saved: dict, out: str) -> str:
         ["∞\n(no noise)" if k == "inf" else k for _, k in shown], acc,
         f"target epsilon after {design['rounds']} rounds (delta = {design['delta']:g}; log scale)",
         f"Client-level DP-FedAvg, {design['population']} clients, Poisson q = {design['q']:g}: final accuracy "
-        f"(16 topics) against epsilon, mean ± std over {n} seeds",
-        levels=[("always the most frequent training label", float(np.mean(majority)))])
+        f"(16 topics) against epsilon, mean ± std over {n} seed{'' if n == 1 else 's'}",
+        levels=[("always the most frequent training label", float(np.mean(majority)))], last_apart="inf" in keys)
     plots.metric_figure(os.path.join(out, "accuracy_by_round.png"), groups, acc, xs=("round",),
-                        title=f"Accuracy by round per arm and epsilon, mean ± std over {n} seeds")
+                        title=f"Accuracy by round per arm and epsilon, mean ± std over {n} seed{'' if n == 1 else 's'}")
     return text
 
 
@@ -295,18 +310,24 @@ def write_outputs(saved: dict, out: str) -> str:
 def tune(args, d: Design, extra: list[str]) -> None:
     """Seed 0 without noise: each arm at each lr of TUNE_LRS with adaptive clipping to the median norm."""
     rows, picks = [], {}
+
+    def trial(arm: str, lr: float) -> dict:
+        r = run_one(run_overrides(arm, d, 0.0, 0, extra, lr=lr, tune=True),
+                    os.path.join(args.runs, "tune", arm, f"lr{lr:g}"))
+        clip = float(np.mean(r["dp_clip"][-5:]))
+        rows.append(dict(arm=arm, lr=lr, final_acc=r["acc"][-1], final_f1=r["f1"][-1], median_clip=clip,
+                         clip_by_round=r["dp_clip"], seconds=r["seconds"]))
+        print(f"tune {arm} lr {lr:g}: accuracy {r['acc'][-1]:.3f}, clip -> {clip:.3g}, {r['seconds']:.0f} s", flush=True)
+        return rows[-1]
+
     for arm in args.arms:
-        best = None
-        for lr in TUNE_LRS[arm]:
-            r = run_one(run_overrides(arm, d, 0.0, 0, extra, lr=lr, tune=True),
-                        os.path.join(args.runs, "tune", arm, f"lr{lr:g}"))
-            clip = float(np.mean(r["dp_clip"][-5:]))
-            rows.append(dict(arm=arm, lr=lr, final_acc=r["acc"][-1], final_f1=r["f1"][-1], median_clip=clip,
-                             clip_by_round=r["dp_clip"], seconds=r["seconds"]))
-            print(f"tune {arm} lr {lr:g}: accuracy {r['acc'][-1]:.3f}, clip -> {clip:.3g}, {r['seconds']:.0f} s", flush=True)
-            if best is None or r["acc"][-1] > best["final_acc"]:
-                best = rows[-1]
-        picks[arm] = dict(lr=best["lr"], clip=float(f"{best['median_clip']:.2g}"))
+        grid, below, above = TUNE_LRS[arm]
+        tried = [trial(arm, lr) for lr in grid]
+        best = lambda: max(tried, key=lambda t: t["final_acc"])
+        for extension, edge in ((list(above), max), (list(below), min)):
+            while extension and best()["lr"] == edge(t["lr"] for t in tried):
+                tried.append(trial(arm, extension.pop(0)))
+        picks[arm] = dict(lr=best()["lr"], clip=float(f"{best()['median_clip']:.2g}"))
     with open(os.path.join(args.out, "tuning.json"), "w") as f:
         json.dump(dict(command=args.command, git_commit=args.commit, design=dataclasses.asdict(d), rows=rows,
                        picks=picks), f, indent=1)
@@ -316,6 +337,36 @@ def tune(args, d: Design, extra: list[str]) -> None:
     with open(os.path.join(args.out, "tuning.md"), "w") as f:
         f.write(f"Command: `{args.command}`\nCommit: `{args.commit}`\n\n" + "\n".join(lines) + "\n\n" +
                 "Picks: " + ", ".join(f"{a} lr {p['lr']:g} C {p['clip']:g}" for a, p in picks.items()) + "\n")
+    print("\n".join(lines), "\npicks:", picks)
+
+
+def tune_dp(args, d: Design, extra: list[str], noise: dict) -> None:
+    """Seed 0 with noise: the server learning rate (the size of the noisy global step) per arm and epsilon."""
+    rows, picks = [], {}
+
+    def trial(arm: str, key: str, slr: float) -> dict:
+        r = run_one(run_overrides(arm, d, noise[key], 0, extra, server_lr=slr), run_dir(args.runs, arm, key, slr, 0))
+        print(f"tune-dp {arm} eps {key} server lr {slr:g}: accuracy {r['acc'][-1]:.3f}, {r['seconds']:.0f} s", flush=True)
+        return dict(arm=arm, epsilon=key, server_lr=slr, final_acc=r["acc"][-1], final_f1=r["f1"][-1],
+                    seconds=r["seconds"])
+
+    for arm in args.arms:
+        for key in (eps_key(e) for e in EPSILONS if not math.isinf(e)):
+            grid, extension = SERVER_LRS[0], list(SERVER_LRS[1])
+            tried = [trial(arm, key, slr) for slr in grid]
+            best = lambda: max(tried, key=lambda t: t["final_acc"])
+            while extension and best()["server_lr"] == min(t["server_lr"] for t in tried):
+                tried.append(trial(arm, key, extension.pop(0)))
+            rows += tried
+            picks.setdefault(arm, {})[key] = best()["server_lr"]
+    with open(os.path.join(args.out, "tuning_dp.json"), "w") as f:
+        json.dump(dict(command=args.command, git_commit=args.commit, design=dataclasses.asdict(d),
+                       noise_multipliers=noise, rows=rows, picks=picks), f, indent=1)
+    lines = ["| arm | epsilon | server lr | final accuracy (seed 0) |", "|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['epsilon']} | {r['server_lr']:g} | {r['final_acc']:.3f} |" for r in rows]
+    with open(os.path.join(args.out, "tuning_dp.md"), "w") as f:
+        f.write(f"Command: `{args.command}`\nCommit: `{args.commit}`\n\n" + "\n".join(lines) + "\n\nPicks: " +
+                json.dumps(picks) + "\n")
     print("\n".join(lines), "\npicks:", picks)
 
 
@@ -338,6 +389,7 @@ def main() -> None:
                     help="run directories (complete ones are reused by a rerun)")
     ap.add_argument("--smoke", action="store_true", help="30 clients, 2 rounds, 1 seed, epsilon 3 and inf (CI)")
     ap.add_argument("--tune", action="store_true", help="pick each arm's client lr and clip C (seed 0, no noise)")
+    ap.add_argument("--tune-dp", action="store_true", help="pick each arm's server lr per epsilon (seed 0)")
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/fedjax_llm/jax"),
                     help="JAX compilation cache: runs after the first of an arm reuse its compiled round")
@@ -362,15 +414,17 @@ def main() -> None:
     args.commit = provenance()
     if args.tune:
         return tune(args, d, extra)
-
     noise = {eps_key(e): noise_multiplier_for(e, d.q, d.rounds, d.delta) for e in EPSILONS}
+    if args.tune_dp:
+        return tune_dp(args, d, extra, noise)
     saved = dict(command=args.command.strip(), git_commit=args.commit,
                  design=dict(dataclasses.asdict(d), population=d.population, clouds=list(CLOUDS),
                              accountant="rdp", partition="dirichlet(0.5) over category", extra=extra),
                  noise_multipliers=noise,
                  accountant_epsilon={k: accountant_epsilon(z, d.q, d.rounds, d.delta) if z else None
                                      for k, z in noise.items()},
-                 arms={a: dict(overrides=list(ARMS[a].overrides), lr=ARMS[a].lr, clip=ARMS[a].clip) for a in args.arms},
+                 arms={a: dict(overrides=list(ARMS[a].overrides), lr=ARMS[a].lr, clip=ARMS[a].clip,
+                               server_lr={k: server_lr(a, k) for k in noise}) for a in args.arms},
                  population={str(s): population_facts(d, s, extra) for s in args.seeds}, results={})
     print("noise multipliers:", noise, flush=True)
     path = os.path.join(args.out, "results.json")
@@ -380,8 +434,9 @@ def main() -> None:
             key = eps_key(eps)
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                r = run_one(run_overrides(arm, d, noise[key], seed, extra),
-                            os.path.join(args.runs, arm, f"eps{key}", f"seed{seed}"))
+                slr = server_lr(arm, key)
+                r = run_one(run_overrides(arm, d, noise[key], seed, extra, server_lr=slr),
+                            run_dir(args.runs, arm, key, slr, seed))
                 r["run_dir"] = os.path.relpath(r["run_dir"], os.path.dirname(HERE))
                 saved["results"].setdefault(arm, {}).setdefault(key, []).append(dict(seed=seed, **r))
                 fe = r["final_epsilon"]
