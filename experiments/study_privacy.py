@@ -112,9 +112,9 @@ class Arm:
 
 
 ARMS = {
-    "pretrained-lora": Arm((), 1e-2, 1.5),
-    "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.4),
-    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 5e-2, 2.0),
+    "pretrained-lora": Arm((), 3e-2, 10.0),
+    "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.9),
+    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 2e-1, 17.0),
 }
 SERVER_LRS = ((1.0, 0.3, 0.1), (0.03,))  # --tune-dp: the grid, then tried only while 0.1 is the best
 # --tune: the grid around study_pretrained.py's pick, then (below, above) tried one by one only while the
