@@ -2,7 +2,6 @@
 noise multipliers against dp-accounting called directly (not through fedjax_llm.secure.accountant)."""
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -115,7 +114,15 @@ def test_arm_settings_are_the_committed_tuning_picks():
     import study_privacy
 
     picks = json.load(open(os.path.join(COMMITTED, "tuning.json")))["picks"]
-    assert set(picks) == set(study_privacy.ARMS)
+    tuned = json.load(open(os.path.join(COMMITTED, "tuning_dp.json")))
+    server, applied = tuned["picks"], tuned["applied"]
+    assert set(picks) == set(server) == set(study_privacy.ARMS)
     for arm, p in picks.items():
         assert (study_privacy.ARMS[arm].lr, study_privacy.ARMS[arm].clip) == (p["lr"], p["clip"]), arm
-    assert not math.isnan(sum(p["clip"] for p in picks.values()))
+        assert study_privacy.ARMS[arm].server_lr == applied[arm], arm
+        assert study_privacy.server_lr(arm, "inf") == 1.0
+    saved = json.load(open(os.path.join(COMMITTED, "results.json")))
+    for arm, a in saved["arms"].items():  # what the committed runs used
+        assert (a["lr"], a["clip"]) == (picks[arm]["lr"], picks[arm]["clip"])
+        assert a["server_lr"] == {**applied[arm], "inf": 1.0}
+        assert all(applied[arm][k] == p for k, p in server[arm].items())
