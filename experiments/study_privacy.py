@@ -118,10 +118,11 @@ class Arm:
     server_lr: dict = dataclasses.field(default_factory=dict)  # eps_key -> server SGD lr (--tune-dp; else 1)
 
 
+SCRATCH_SLR = None  # filled in from --tune-dp --arms scratch --epsilons 3
 ARMS = {
-    "pretrained-lora": Arm((), 3e-2, 10.0),
-    "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.9),
-    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 2e-1, 17.0),
+    "pretrained-lora": Arm((), 3e-2, 10.0, {"1": 1.0, "3": 0.03, "8": 0.03}),
+    "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.9, {"1": SCRATCH_SLR, "3": SCRATCH_SLR, "8": SCRATCH_SLR}),
+    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 2e-1, 17.0, {"1": 0.03, "3": 0.03, "8": 0.1}),
 }
 SERVER_LRS = ((1.0, 0.3, 0.1), (0.03,))  # --tune-dp: the grid, then tried only while 0.1 is the best
 # --tune: the grid around study_pretrained.py's pick, then (below, above) tried one by one only while the
@@ -465,7 +466,7 @@ def main() -> None:
                 print(f"{arm} eps {eps_text(eps)} seed {seed}: accuracy {r['acc'][0]:.3f} -> {r['acc'][-1]:.3f}, "
                       f"macro-F1 {r['f1'][-1]:.3f}, epsilon spent {'inf' if fe is None else f'{fe:.3f}'}, "
                       f"{r['seconds']:.0f} s training ({time.perf_counter() - t0:.0f} s with set-up)", flush=True)
-                saved["study_wall_s"] = time.perf_counter() - t_all
+                saved["this_process_wall_s"] = time.perf_counter() - t_all  # complete run dirs are reused
                 with open(path, "w") as f:
                     json.dump(saved, f, indent=1)
     print(write_outputs(saved, args.out))
