@@ -27,6 +27,13 @@ from fedjax_llm.files import describe_os_error, is_disk_error
 
 log = logging.getLogger(__name__)
 CORRUPT = "corrupt"
+# The layout of the checkpointed state: 2 = the aggregator's state and every cloud's (simulate.py);
+# steps without it were written before the round was split into its two halves.
+STATE_FORMAT = 2
+
+
+class FormatError(CheckpointError):
+    """A checkpoint written by another version of fedjax_llm, not a damaged one."""
 
 
 def tree_digest(tree: Any) -> str:
@@ -77,7 +84,7 @@ class Checkpointer:
         CheckpointError naming the step; the steps already on disk stay valid."""
         if not _all_finite(state):
             raise CheckpointError(f"round {rnd}: refusing to checkpoint a state with NaN/Inf values")
-        info = dict(meta or {}, round=rnd, digest=tree_digest(state))
+        info = dict(meta or {}, round=rnd, format=STATE_FORMAT, digest=tree_digest(state))
         info["meta_digest"] = meta_digest(info)
         try:
             self.manager.save(rnd, args=ocp.args.Composite(
@@ -93,7 +100,16 @@ class Checkpointer:
         return sorted(self.manager.all_steps(), reverse=True)
 
     def _load(self, step: int, like: Any, treedef: Any) -> tuple[Any, dict]:
-        """(state, meta) of one step; raises ValueError saying why the step is unusable."""
+        """(state, meta) of one step; raises ValueError saying why the step is unusable, FormatError when
+        another version of fedjax_llm wrote it."""
+        try:
+            stored = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception:  # damaged metadata: reported below with the arrays
+            stored = {"format": STATE_FORMAT}
+        if stored.get("format", 1) != STATE_FORMAT:
+            raise FormatError(f"{self.directory}: step {step} was written by another version of fedjax_llm "
+                              f"(state format {stored.get('format', 1)}; this version reads {STATE_FORMAT}); "
+                              "read or resume it with that version, or start over in a new directory")
         try:
             got = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_flat(like)), meta=ocp.args.JsonRestore()))

@@ -53,6 +53,8 @@ def describe(e: BaseException) -> Optional[str]:
     line = _omegaconf_line(e)
     if line is not None:
         return _one_line(line)
+    if isinstance(e, ValueError) and _raised_in_hydra(e):  # command-line misuse Hydra reports itself
+        return _one_line(str(e))
     if isinstance(e, HydraException):
         cause = _omegaconf_line(e.__cause__)
         if cause is not None:
@@ -62,6 +64,14 @@ def describe(e: BaseException) -> Optional[str]:
             text = text.replace("In 'train': ", "")
         return _one_line(text)
     return None
+
+
+def _raised_in_hydra(e: BaseException) -> bool:
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and f"{os.sep}hydra{os.sep}" in last.tb_frame.f_code.co_filename
 
 
 def code_for(e: BaseException) -> int:
@@ -102,3 +112,13 @@ def run_main(fn: Callable[[], object], prog: str, verbose: bool, unwrap: type = 
             e = e.error
         return report(e, prog, verbose)
     return result if isinstance(result, int) else 0
+
+
+def train() -> None:
+    """The fedjax-llm-train console script: signals are handled before the heavy imports start."""
+    from fedjax_llm.lifecycle import exit_on_signals_while_starting
+
+    exit_on_signals_while_starting("fedjax-llm-train")
+    from fedjax_llm.train import main
+
+    main()

@@ -219,6 +219,15 @@ class RunConfig:
     progress: bool = True          # tqdm bar with round, loss and ETA
     devices: int = 0               # devices on the clients mesh axis (0 = all local devices)
     tensorboard: bool = True       # TensorBoard event files in RUN_DIR/tensorboard (process 0 only)
+    distributed: str = "auto"      # several processes as one run (jax.distributed): off | auto (when SLURM with
+                                   # > 1 task, Open MPI or JAX_COORDINATOR_ADDRESS is detected) | explicit
+    coordinator_address: Optional[str] = None  # explicit: HOST:PORT of process 0
+    num_processes: int = 0         # explicit: how many processes
+    process_id: int = -1           # explicit: this process's index (0 is the one that writes the run dir)
+    distributed_timeout_s: int = 120  # how long to wait for every process to join
+    compile_cache_dir: Optional[str] = "auto"  # persistent XLA compilation cache: a rerun or the next job
+                                   # of a sweep skips compiling; auto = $XDG_CACHE_HOME (or ~/.cache)/
+                                   # fedjax_llm/xla; null = off; the JAX_COMPILATION_CACHE_DIR variable wins
 
 
 @dataclasses.dataclass

@@ -48,6 +48,12 @@ class RunControl:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._finalize: Optional[Callable[[], str]] = None
+        # Several processes: they must stop at the same round, so the loop decides (collectively, at a
+        # round boundary) and saves; the signal only asks.
+        self.collective = False
+
+    def request_stop(self) -> None:
+        self._stop.set()
 
     def stop_requested(self) -> bool:
         return self._stop.is_set()
@@ -117,16 +123,52 @@ def supervise(target: Callable[[RunControl], T]) -> T:
     try:
         while True:
             worker.join(0.1)
-            if pending:
+            if pending and not control.collective:
                 hard_exit(exit_code(pending[0]), control.stop(pending[0]))
+            if pending:
+                control.request_stop()  # the loop stops every process at the next round boundary
             if not worker.is_alive():
                 break
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, StopTraining):  # a signal here, or (several processes) at another process
+        signum = pending[0] if pending else signal.SIGTERM
+        name = signal.Signals(signum).name if pending else "stopped with the other processes"
+        hard_exit(exit_code(signum), f"{name}: {error}" if str(error) else name)
+    if error is not None:
+        raise error
     return outcome["value"]
+
+
+def quiet_closed_loop_noise() -> None:
+    """After a failed checkpoint write, orbax's worker threads may still post to an asyncio loop that
+    is closed, and each prints a traceback; those go to the log at DEBUG, every other thread error as
+    before."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+            log.debug("ignored in thread %s: %s", getattr(args.thread, "name", "?"), args.exc_value)
+            return
+        default(args)
+
+    threading.excepthook = hook
+
+
+def exit_on_signals_while_starting(prog: str) -> None:
+    """Installed first thing by the console scripts, before jax, Hydra and the rest are imported: a signal
+    while the process starts ends it at once with one line and 128 + the signal number (nothing has been
+    written yet). `raise_on_signals` and `supervise` replace it once they can do better."""
+
+    def handler(signum: int, frame: object) -> None:
+        print(f"{prog}: interrupted ({signal.Signals(signum).name}) while starting; nothing was written",
+              file=sys.stderr)
+        hard_exit(exit_code(signum))
+
+    for s in SIGNALS:
+        signal.signal(s, handler)
 
 
 def raise_on_signals() -> None:

@@ -1,7 +1,7 @@
 """Who takes part in a round and how: sampling, dropout, stragglers, Byzantine clients.
 
-Host-side and cheap; every draw comes from a jax.random key that the server state carries, so a
-resumed run samples exactly the same clients.
+Host-side and cheap. Each cloud samples its own clients with its own key (kept in its checkpointed
+state), so a resumed run samples exactly the same clients and no other party can predict the draws.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from fedjax_llm.config import AttackConfig, ParticipationConfig, TrainConfig
 
-# Distinct streams derived from one round key.
+# Distinct streams derived from a cloud's round key.
 _SAMPLE, _DROPOUT, _STRAGGLE, _STEPS = 1, 2, 3, 4
 
 
@@ -45,34 +45,42 @@ def per_cloud_capacity(cfg: TrainConfig, cloud_sizes: list[int]) -> list[int]:
     return out
 
 
-def sample_cohort(cfg: TrainConfig, client_cloud: np.ndarray, key: jax.Array, rnd: int) -> Cohort:
-    """Draws this round's clients per cloud, then dropouts and stragglers among them."""
-    p: ParticipationConfig = cfg.participation
-    sizes = [int(np.sum(client_cloud == c)) for c in range(len(cfg.clouds.members))]
-    caps = per_cloud_capacity(cfg, sizes)
+def sample_cloud(p: ParticipationConfig, size: int, capacity: int, local_steps: int, key: jax.Array,
+                 rnd: int, cloud: str) -> Cohort:
+    """One cloud's clients for a round (ids local to the cloud, 0..size-1), then dropouts and
+    stragglers among them; every draw comes from `key`, which only the cloud holds."""
     k_sample = jax.random.fold_in(key, _SAMPLE)
-    ids = []
-    for c, (n, cap) in enumerate(zip(sizes, caps)):
-        members = np.flatnonzero(client_cloud == c)
-        kc = jax.random.fold_in(k_sample, c)
-        if p.sampling == "poisson":
-            chosen = members[np.asarray(jax.random.bernoulli(kc, p.fraction, (n,)))]
-            if len(chosen) > cap:
-                raise RuntimeError(f"round {rnd}: Poisson sampling drew {len(chosen)} clients in cloud "
-                                   f"{list(cfg.clouds.members)[c]!r}, above its {cap} slots "
-                                   f"(odds below 1e-9); rerun with another seed")
-        elif cap < n:
-            chosen = np.sort(members[np.asarray(jax.random.choice(kc, n, (cap,), replace=False))])
-        else:
-            chosen = members
-        ids.append(chosen)
-    ids = np.concatenate(ids).astype(np.int64)
-    K, S = len(ids), cfg.client.local_steps
+    members = np.arange(size)
+    if p.sampling == "poisson":
+        ids = members[np.asarray(jax.random.bernoulli(k_sample, p.fraction, (size,)))]
+        if len(ids) > capacity:
+            raise RuntimeError(f"round {rnd}, cloud {cloud!r}: Poisson sampling drew {len(ids)} clients, "
+                               f"above its {capacity} slots (odds below 1e-9); rerun with another seed")
+    elif capacity < size:
+        ids = np.sort(members[np.asarray(jax.random.choice(k_sample, size, (capacity,), replace=False))])
+    else:
+        ids = members
+    K = len(ids)
     dropped = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, _DROPOUT), p.dropout, (K,)))
     slow = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, _STRAGGLE), p.straggler_fraction, (K,)))
-    fewer = np.asarray(jax.random.randint(jax.random.fold_in(key, _STEPS), (K,), p.straggler_min_steps, S + 1))
-    steps = np.where(slow, fewer, S).astype(np.int64)
-    return Cohort(ids=ids, dropped=dropped.astype(bool), steps=steps)
+    fewer = np.asarray(jax.random.randint(jax.random.fold_in(key, _STEPS), (K,), p.straggler_min_steps,
+                                          local_steps + 1))
+    steps = np.where(slow, fewer, local_steps).astype(np.int64)
+    return Cohort(ids=ids.astype(np.int64), dropped=dropped.astype(bool), steps=steps)
+
+
+def sample_cohort(cfg: TrainConfig, client_cloud: np.ndarray, key: jax.Array, rnd: int) -> Cohort:
+    """The whole federation's cohort (global ids), cloud c drawing with fold_in(key, c): the
+    distribution each round has when every cloud samples its own clients with its own key."""
+    sizes = [int(np.sum(client_cloud == c)) for c in range(len(cfg.clouds.members))]
+    caps = per_cloud_capacity(cfg, sizes)
+    parts = []
+    for c, (name, n, cap) in enumerate(zip(cfg.clouds.members, sizes, caps)):
+        one = sample_cloud(cfg.participation, n, cap, cfg.client.local_steps, jax.random.fold_in(key, c), rnd, name)
+        parts.append(Cohort(ids=np.flatnonzero(client_cloud == c)[one.ids], dropped=one.dropped, steps=one.steps))
+    return Cohort(ids=np.concatenate([q.ids for q in parts]).astype(np.int64),
+                  dropped=np.concatenate([q.dropped for q in parts]),
+                  steps=np.concatenate([q.steps for q in parts]))
 
 
 def expected_clients(cfg: TrainConfig, client_cloud: np.ndarray) -> float:

@@ -97,7 +97,7 @@ def _first(tree: Any) -> Any:
     return jax.tree.map(lambda a: a[0], tree)
 
 
-def _client_template(local_update, trainable, frozen, inputs, hparams, broadcast) -> ClientOutput:
+def client_template(local_update, trainable, frozen, inputs, hparams, broadcast) -> ClientOutput:
     """Shapes of one client's output, for sizing the reducer's accumulators."""
     args = (trainable, frozen, _first(inputs.batches), jax.random.key(0), hparams,
             jnp.float32(1), _first(inputs.state), broadcast)
@@ -125,7 +125,7 @@ def make_round_compute(local_update: Callable, reducer: Reducer, transform: Call
         # Local shapes: [1, chunks, chunk, ...]; scan over chunks, vmap inside a chunk.
         local = jax.tree.map(lambda a: a[0], inputs)
         flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), local)
-        template = _client_template(local_update, trainable, frozen, flat, hparams, broadcast)
+        template = client_template(local_update, trainable, frozen, flat, hparams, broadcast)
         acc0 = reducer.init(template, num_clouds, layout.num_chunks * layout.chunk)
 
         def chunk_step(acc, x: RoundInputs):
@@ -165,16 +165,19 @@ class ClientStageError(RuntimeError):
 
 
 def make_loop_compute(local_update: Callable, reducer: Reducer, transform: Callable, num_clouds: int,
-                      describe: Callable[[int], str], collect: bool = False) -> Callable[..., RoundResult]:
-    """Client-by-client reference: jitted single-client update, host loop, same reducer."""
+                      describe: Callable[[int], str] = lambda i: f"slot {i}",
+                      collect: bool = False) -> Callable[..., RoundResult]:
+    """Client-by-client reference: jitted single-client update, host loop, same reducer. A failure
+    names the round and the slot as `describe` (given here or per call) puts it."""
     update = jax.jit(local_update)
     finish = jax.jit(lambda out, key, attacked: sanitize(transform(out, key, attacked)))
     accumulate = jax.jit(reducer.accumulate)
     add_axis = lambda t: jax.tree.map(lambda a: jnp.asarray(a)[None], t)
 
-    def compute(trainable, frozen, broadcast, inputs: RoundInputs, hparams, round_index: int = -1):
+    def compute(trainable, frozen, broadcast, inputs: RoundInputs, hparams, round_index: int = -1,
+                describe_slot: Callable[[int], str] = describe):
         n = inputs.weights.shape[0]
-        template = _client_template(local_update, trainable, frozen, inputs, hparams, broadcast)
+        template = client_template(local_update, trainable, frozen, inputs, hparams, broadcast)
         acc = reducer.init(template, num_clouds, n)
         outs, states = [], []
         for i in range(n):
@@ -189,7 +192,7 @@ def make_loop_compute(local_update: Callable, reducer: Reducer, transform: Calla
                 out = finish(out, key, x.attacked)
                 acc = accumulate(acc, add_axis(out), jnp.asarray(x.onehot)[None])
             except Exception as e:  # re-raised with the place it happened
-                raise ClientStageError(f"round {round_index}, {describe(i)}: stage {stage} failed: "
+                raise ClientStageError(f"round {round_index}, {describe_slot(i)}: stage {stage} failed: "
                                        f"{type(e).__name__}: {e}") from e
             outs.append(out)
             states.append(state)

@@ -28,9 +28,11 @@ HISTORY = "history.jsonl"
 LOCK = ".lock"
 CHECKPOINTS = "checkpoints"
 # What a start that failed before writing config.yaml may leave; such a directory still counts as empty.
-LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY}
+LEFTOVERS = {LOCK, "keys", "train.log", ".hydra", HISTORY, "tensorboard"}
 # Keys that do not change what a run computes, so a rerun may change them.
-FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard"}
+FREE_KEYS = {"resume", "run.progress", "data.tokenizer_cache", "checkpoint.keep", "run.tensorboard",
+             "run.compile_cache_dir", "run.distributed", "run.coordinator_address", "run.process_id",
+             "run.distributed_timeout_s"}
 
 
 def resume_command(run_dir: str) -> str:
@@ -143,7 +145,7 @@ def plan_run(run_dir: str, cfg: TrainConfig, *, must_hold_run: bool = False) -> 
     if CONFIG not in entries:
         if must_hold_run:
             require_run(run_dir)
-        foreign = sorted(entries - LEFTOVERS)
+        foreign = sorted(entries - LEFTOVERS - ({CHECKPOINTS} if not checkpoint_steps_on_disk(run_dir) else set()))
         if foreign:
             raise RunDirError(f"{run_dir}: holds files that are not a fedjax_llm run ({', '.join(foreign[:5])}"
                               f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty directory")

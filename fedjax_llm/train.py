@@ -19,18 +19,21 @@ import logging
 import logging.handlers
 import os
 import sys
-import time
-import types
 from typing import Any, Optional
 
-import hydra
+from fedjax_llm.lifecycle import exit_on_signals_while_starting
+
+if __name__ == "__main__":  # python -m fedjax_llm.train (the console script installs it in cli.train)
+    exit_on_signals_while_starting("fedjax-llm-train")
+
+import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedjax_llm import rundir
+from fedjax_llm import compile_cache, distributed, rundir
 from fedjax_llm.config import TrainConfig, register_configs, to_train_config
-from fedjax_llm.errors import DataError, ModelError, RunStopped, UserError
-from fedjax_llm.lifecycle import RunControl, StopTraining, raise_on_signals, supervise
+from fedjax_llm.lifecycle import RunControl, quiet_closed_loop_noise, raise_on_signals, supervise
+from fedjax_llm.loop import train_run
 from fedjax_llm.validation import validate
 
 log = logging.getLogger("fedjax_llm")
@@ -38,27 +41,35 @@ CONF_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "c
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-def _eval_due(cfg: TrainConfig, rnd: int) -> bool:
-    return rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds
-
-
 def run(cfg: TrainConfig, run_dir: str, control: Optional[RunControl] = None,
         hydra_files: Optional[dict[str, str]] = None) -> dict:
     """Trains (or resumes) into run_dir and returns the summary dict. Refuses, changing nothing, a
     directory holding another run, other files, or (with cfg.resume) no run; a complete run is left as
-    it is and its stored summary returned."""
-    cfg = validate(cfg)  # before any data work or compilation
+    it is and its stored summary returned. With several processes (run.distributed) every process calls
+    this with the same config; only process 0 writes the directory."""
+    cfg = validate(cfg)  # before any data work or compilation; a bad config touches no device
+    for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    compile_cache.enable(cfg.run.compile_cache_dir)
+    procs = distributed.start(cfg.run)  # before any device is touched
+    distributed.agree(rundir.flat_config(cfg), procs)
+    control = control or RunControl()
+    control.collective = procs.multi
     plan = rundir.plan_run(run_dir, cfg, must_hold_run=cfg.resume is not None)
+    distributed.barrier("fedjax_llm:planned")  # every process decided before the primary writes
     if plan.kind == "complete":
         log.info("%s", plan.message)
         return plan.summary or {}
+    if not procs.primary:
+        log.info("%s", plan.message)
+        return train_run(plan, control, None, None, procs)
     failed = False
     with rundir.RunDirLock(plan.run_dir):
         handler = RunLog(os.path.join(plan.run_dir, "train.log"))
         logging.getLogger().addHandler(handler)
         log.info("%s", plan.message)
         try:
-            return _train(plan, control or RunControl(), hydra_files, handler)
+            return train_run(plan, control, hydra_files, handler, procs)
         except BaseException:
             failed = True
             raise
@@ -111,186 +122,6 @@ def _remove_failed_start(plan: rundir.Plan) -> None:
             os.remove(path)
 
 
-def _train(plan: rundir.Plan, control: RunControl, hydra_files: Optional[dict[str, str]],
-           run_log: Optional[RunLog] = None) -> dict:
-    cfg, run_dir = plan.cfg, plan.run_dir
-    import jax  # deferred: a bad config fails without touching devices
-
-    for noisy in ("absl", "jax._src.xla_bridge"):  # orbax logs every step at INFO through absl
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-    from fedjax_llm.checkpoint import Checkpointer, tree_digest
-    from fedjax_llm.data.federated import build_federated_data
-    from fedjax_llm.metrics import MetricsLog, clean, write_json
-    from fedjax_llm.models.params import count_params
-    from fedjax_llm.report.tensorboard import TensorBoardWriter
-    from fedjax_llm.secure.privacy import Privacy
-    from fedjax_llm.secure.round import make_channel
-    from fedjax_llm.server import Federation
-
-    t_start = time.perf_counter()
-    try:
-        data = build_federated_data(cfg.data, cfg.partition, cfg.clouds, cfg.seed)
-    except (ValueError, OSError) as e:
-        raise e if isinstance(e, UserError) else DataError(str(e)) from e
-    log.info("data: %d clients in %d clouds, %d train / %d eval examples, vocab %d, %d truncated, "
-             "%d excluded", data.num_clients, len(data.cloud_names), int(data.num_train_examples().sum()),
-             sum(len(e) for e in data.eval_idx), data.vocab_size, data.num_truncated, data.excluded)
-    channel, channel_info = make_channel(cfg.secure, data.cloud_names, run_dir, cfg.name)
-    log.info("channel: %s", channel_info)
-    try:
-        fed = Federation(cfg, data, channel=channel)
-    except (ValueError, OSError) as e:
-        raise e if isinstance(e, UserError) else ModelError(f"model: {e}") from e
-    privacy = Privacy(cfg, data) if cfg.secure.dp.enabled else None
-    log.info("model: %d trainable / %d frozen params; cohort %d clients, layout %s on %d %s device(s)",
-             count_params(fed.init_params), count_params(fed.frozen), fed.cohort_size,
-             fed.layout.shape, fed.mesh.size, fed.mesh.devices.flat[0].platform)
-
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    ckpt = Checkpointer(os.path.join(run_dir, rundir.CHECKPOINTS), cfg.checkpoint.every,
-                        cfg.checkpoint.keep, cfg.run.rounds) if cfg.checkpoint.enabled else None
-    frozen_digest = tree_digest(fed.frozen)
-    state = fed.init_state()
-    restored = ckpt.restore(state) if ckpt else None
-    if restored is not None:
-        state, meta = restored
-        if meta.get("frozen_digest") != frozen_digest:
-            from fedjax_llm.checkpoint import CheckpointError
-            raise CheckpointError(f"{ckpt.directory}: the frozen base params differ from the ones the "
-                                  "checkpoint was trained with (model or seed changed?)")
-        if privacy is not None:
-            privacy.restore(meta.get("accountant"))
-    elif plan.kind == "resume" and plan.newest_step:
-        log.warning("no checkpoint of %s could be used; starting the run over", run_dir)
-
-    # Everything the user gave is usable: only now does the directory become (or stay) this run's.
-    if plan.kind == "new":
-        if hydra_files:
-            rundir.write_hydra_files(run_dir, hydra_files)
-        rundir.write_config(run_dir, cfg)
-    elif plan.stored is not None and plan.stored.run.rounds != cfg.run.rounds:
-        rundir.write_config(run_dir, cfg)
-    if run_log is not None:
-        run_log.open()
-    rundir.append_history(run_dir, "start", action=plan.kind, rounds=cfg.run.rounds,
-                          command=rundir.command_line())
-
-    if restored is not None:
-        if "records" in meta:
-            records = list(meta["records"])
-            metrics.rewrite(records)
-        else:  # a checkpoint written before records were kept in it
-            metrics.truncate(int(state.round))
-            records = metrics.records()
-        log.info("resumed from round %d in %s", int(state.round), ckpt.directory)
-    else:
-        records = [clean(dict(round=0, **fed.evaluate(state)))]
-        metrics.rewrite(records)
-
-    start = int(state.round)
-    tb = TensorBoardWriter.open(run_dir, cfg, start, records)  # resumed: later events purged
-    progress = types.SimpleNamespace(state=state, round=start, saved=start if restored else None)
-
-    def checkpoint_meta() -> dict:
-        extra = dict(accountant=privacy.state) if privacy is not None else {}
-        return dict(frozen_digest=frozen_digest, name=cfg.name, records=records, **extra)
-
-    def save_last() -> str:
-        """Checkpoints the last completed round if it is not on disk yet; says where things stand."""
-        if ckpt is None:
-            return (f"stopped after round {progress.round}; checkpoint.enabled=false, so this run cannot be "
-                    "resumed")
-        if progress.round == 0:
-            return "stopped before round 1 completed; nothing to save (rerun the same command to start)"
-        if progress.saved != progress.round:
-            ckpt.save(progress.round, progress.state, checkpoint_meta())
-            progress.saved = progress.round
-        rundir.append_history(run_dir, "stopped", round=progress.round)
-        return (f"stopped after round {progress.round} of {cfg.run.rounds}, which is checkpointed in "
-                f"{ckpt.directory}; resume with: {rundir.resume_command(run_dir)}")
-
-    control.on_stop(save_last)
-    stopped_early = None
-    bar = _progress(cfg, start)
-    try:
-        for rnd in range(start + 1, cfg.run.rounds + 1):
-            if control.stop_requested():
-                raise StopTraining()
-            if privacy is not None and privacy.would_exceed():
-                log.warning("stopping before round %d: it would take epsilon past secure.dp.target_epsilon"
-                            "=%g (now %.4f)", rnd, cfg.secure.dp.target_epsilon, privacy.epsilon())
-                stopped_early = rnd - 1
-                break
-            new_state, record = fed.run_round(progress.state)
-            if privacy is not None:
-                record.update(privacy.step(new_state))
-            if _eval_due(cfg, rnd):
-                t0 = time.perf_counter()
-                ev = fed.evaluate(new_state)
-                record["eval_s"] = time.perf_counter() - t0
-                for name, values in ev.pop("clouds").items():
-                    record["clouds"][name].update(values)
-                record.update(ev)
-            record = clean(record)
-            with control.commit():  # a signal now waits for this round to be recorded (and saved)
-                metrics.append(record)
-                records.append(record)
-                tb.log_round(record)
-                progress.state, progress.round = new_state, rnd
-                if ckpt and (ckpt.should_save(rnd) or (privacy is not None and privacy.would_exceed())):
-                    ckpt.save(rnd, new_state, checkpoint_meta())
-                    progress.saved = rnd
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}" if record["train_loss"] else "-",
-                                **_headline(records))
-    except RunStopped as e:
-        with control.commit():
-            where = save_last()
-        raise type(e)(f"{e}; {where}") from e
-    finally:
-        tb.close()
-        if bar is not None:
-            bar.close()
-
-    from fedjax_llm.summary import build_summary
-
-    summary = build_summary(
-        records, progress.round, name=cfg.name, seed=cfg.seed, rounds=cfg.run.rounds,
-        resumed_from=start if restored else None, trainable_params=count_params(progress.state.params),
-        frozen_params=count_params(fed.frozen), clouds=fed.cloud_names, clients=data.num_clients,
-        cohort=fed.cohort_size, devices=fed.mesh.size, platform=fed.mesh.devices.flat[0].platform,
-        layout=list(fed.layout.shape), stopped_early_after_round=stopped_early,
-        privacy=privacy.summary() if privacy is not None else None, channel=channel_info,
-        wall_s_this_process=time.perf_counter() - t_start, jax_version=jax.__version__)
-    write_json(os.path.join(run_dir, rundir.SUMMARY), summary)
-    rundir.append_history(run_dir, "complete", round=progress.round)
-    if cfg.data.task == "classify":
-        log.info("done: eval accuracy %s -> %s, macro-F1 %s -> %s in %.1fs", summary["initial_eval_acc"],
-                 summary["final_eval_acc"], summary["initial_eval_f1"], summary["final_eval_f1"],
-                 summary["wall_s_this_process"])
-    else:
-        log.info("done: eval ppl %s -> %s in %.1fs", summary["initial_eval_ppl"], summary["final_eval_ppl"],
-                 summary["wall_s_this_process"])
-    return summary
-
-
-def _headline(records: list[dict]) -> dict:
-    from fedjax_llm.summary import headline
-
-    evaluated = [r for r in records if r.get("eval_loss") is not None]
-    return headline(evaluated[-1] if evaluated else None)
-
-
-def _progress(cfg: TrainConfig, start: int) -> Optional[Any]:
-    if not cfg.run.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.run.rounds, initial=start, desc=f"{cfg.name} rounds", unit="round")
-
-
 def _hydra_record(dcfg: DictConfig, hc: Any) -> dict[str, str]:
     """The files Hydra itself would write to .hydra/ (we write them once the run has started)."""
     return {"config.yaml": OmegaConf.to_yaml(dcfg),
@@ -341,6 +172,7 @@ def main() -> None:
     verbose = pop_verbose(sys.argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; run_main prints one line (or the traceback)
     raise_on_signals()
+    quiet_closed_loop_noise()
     register_configs()
     code = run_main(_hydra_main, "fedjax-llm-train", verbose, unwrap=JobFailed)
     if code:  # the error is printed: leave before library threads (orbax's, after a failed write) add noise

@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 from fedjax_llm.config import RULES, TrainConfig
+from fedjax_llm.distributed import validate_layout
 from fedjax_llm.errors import ConfigError
 from fedjax_llm.models.spec import check_spec
 
@@ -110,6 +111,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _require(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     _one_of(r.on_nonfinite, "run.on_nonfinite", ("drop", "stop"))
     _require(r.devices >= 0, "run.devices", "must be >= 0 (0 = all)")
+    validate_layout(r)
 
     k = cfg.checkpoint
     _require(k.every >= 1, "checkpoint.every", f"must be >= 1, got {k.every}")

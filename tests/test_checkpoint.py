@@ -9,21 +9,31 @@ import optax
 import pytest
 
 from fedjax_llm.checkpoint import Checkpointer, CheckpointError
-from fedjax_llm.server import ServerState
+from fedjax_llm.cloud import CloudState, Pending
+from fedjax_llm.server import AggregatorState, FederationState
 
 
-def _state(seed: int, rnd: int = 1) -> ServerState:
+def _state(seed: int, rnd: int = 1) -> FederationState:
+    """The aggregator's state and two clouds' states, as a run checkpoints them."""
     rng = np.random.default_rng(seed)
     params = {"layers": {"0": {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)}},
               "norm": {"scale": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)}}
     opt = optax.adam(1e-2)
     opt_state = opt.init(params)
     _, opt_state = opt.update(params, opt_state, params)  # non-trivial moments and count
-    return ServerState(round=jnp.int32(rnd), params=params, opt_state=opt_state, agg_state=(),
-                       client_states={"scaffold": {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}},
-                       key=jax.random.key_data(jax.random.key(seed)),
-                       data_cursors=rng.integers(0, 1000, size=5).astype(np.int64),
-                       data_seed=np.asarray(rng.integers(0, 2**32 - 1), np.uint32))
+    agg = AggregatorState(round=jnp.int32(rnd), params=params, opt_state=opt_state, agg_state=(),
+                          counted=np.array([rnd, rnd - 1], np.int32))
+
+    def cloud(c: int) -> CloudState:
+        states = {"scaffold": {"w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)}}
+        return CloudState(key=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), c)),
+                          cursors=rng.integers(0, 1000, size=3).astype(np.int64),
+                          data_seed=np.asarray(rng.integers(0, 2**32 - 1), np.uint32), client_states=states,
+                          pending=Pending(round=jnp.int32(rnd), slots=np.array([0, -1], np.int32),
+                                          states=jax.tree.map(lambda s: s[:2] + 1, states)),
+                          last_round=jnp.int32(rnd))
+
+    return FederationState(aggregator=agg, clouds={"east": cloud(0), "west": cloud(1)}, names=("east", "west"))
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -114,7 +124,8 @@ def test_partial_write_directory_is_ignored(tmp_path):
 def test_refuses_to_write_nan(tmp_path):
     ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
     bad = _state(0)
-    bad = bad.replace(params={**bad.params, "norm": {"scale": jnp.full((4,), jnp.nan, jnp.bfloat16)}})
+    nan = {**bad.params, "norm": {"scale": jnp.full((4,), jnp.nan, jnp.bfloat16)}}
+    bad = bad.replace(aggregator=bad.aggregator.replace(params=nan))
     with pytest.raises(CheckpointError, match="NaN"):
         ck.save(1, bad)
     assert ck.steps() == []
@@ -155,3 +166,19 @@ def test_edited_metadata_is_caught_by_its_digest(tmp_path):
     json.dump(meta, open(path, "w"))
     _, restored = ck.restore(_state(0))
     assert restored["round"] == 1
+
+
+def test_a_checkpoint_of_another_version_is_named_as_such(tmp_path):
+    import json
+
+    from fedjax_llm.checkpoint import FormatError
+
+    ck = Checkpointer(str(tmp_path), every=1, keep=3, last_round=10)
+    ck.save(1, _state(1, 1))
+    path = os.path.join(str(tmp_path), "1", "meta", "metadata")
+    meta = json.load(open(path))
+    del meta["format"]  # what a version before the cloud/aggregator split wrote
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(FormatError, match="step 1 was written by another version of fedjax_llm"):
+        ck.restore(_state(0))
+    assert ck.steps() == [1]  # not treated as damage: nothing moved

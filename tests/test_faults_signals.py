@@ -18,6 +18,7 @@ from tests.runtools import (assert_same_run, file_has, newest_round, records, ru
                             wait_for)
 
 ROUNDS = FAULT_ROUNDS
+STARTUP_S = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +39,25 @@ def _finish(tiny_run_args, train_env, run_dir):
 
 def test_sigkill_and_sigterm_at_random_moments_then_rerun_equals_uninterrupted(tmp_path, train_env, tiny_run_args,
                                                                               reference):
-    ref_dir, ref_s = reference
+    ref_dir = reference[0]
     run_dir = str(tmp_path / "run")
     rng = random.Random(1234)
     interrupted = 0
     for attempt, sig in enumerate([signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM]):
-        log = str(tmp_path / f"log{attempt}")  # each start is stopped at a random moment (or finishes first)
+        # each start is stopped a random moment after a random round of those left was recorded
+        target = rng.randint(min(max(newest_round(run_dir), 0), ROUNDS - 2), ROUNDS - 2)
+        log = str(tmp_path / f"log{attempt}")
+        started = time.time()
         proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
-        time.sleep(rng.uniform(0.2, 0.8) * ref_s)
+        wait_for(lambda: newest_round(run_dir) >= target, proc)
+        # not within the interpreter's own start-up (~50 ms, before any of our code runs): there the
+        # signal's default action applies (exit -15), with nothing written yet
+        time.sleep(max(rng.uniform(0.0, 0.6), started + STARTUP_S - time.time()))
         code = stop(proc, sig)
         interrupted += code != 0
         assert code in (0, -signal.SIGKILL, 128 + signal.SIGTERM), open(log).read()[-3000:]
         assert "Traceback" not in open(log).read()
-    assert interrupted >= 1
+    assert interrupted >= 2
     _finish(tiny_run_args, train_env, run_dir)  # resumes (or says the run is complete)
     assert_same_run(ref_dir, run_dir, ROUNDS)
 
@@ -67,6 +74,18 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, train_env, tiny_run_args, r
     _finish(tiny_run_args, train_env, run_dir)
     assert not any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpts))
     assert_same_run(reference[0], run_dir, ROUNDS)
+
+
+@pytest.mark.parametrize("delay", [STARTUP_S, 1.0])
+def test_sigterm_while_the_process_starts_exits_143_with_one_line(tmp_path, train_env, tiny_run_args, delay):
+    run_dir = str(tmp_path / "run")
+    log = str(tmp_path / "log")
+    proc = start_train(tiny_run_args + [f"hydra.run.dir={run_dir}"], train_env, log)
+    time.sleep(delay)
+    assert stop(proc, signal.SIGTERM) == 128 + signal.SIGTERM
+    text = open(log).read()
+    assert "Traceback" not in text and "SIGTERM" in text, text
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints")), os.listdir(run_dir)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -4,12 +4,16 @@ Each test trains one real round (two levels: clients -> clouds -> aggregator), c
 client's update, rebuilds the clients' final (rank-truncated) factors from it, and checks the new
 global model against a float64 NumPy reference computed from those factors alone.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_llm import participation
 from fedjax_llm.aggregate import lora_round
+from fedjax_llm.cloud import round_inputs
 from fedjax_llm.client import client_optimizer, make_local_update, make_task_loss
 from fedjax_llm.config import ConfigError
 from fedjax_llm.validation import validate
@@ -40,19 +44,24 @@ def data(tmp_path_factory):
 
 
 def _collecting(fed):
-    """Swaps in the same compiled round that also returns every client's update, and records it."""
+    """Swaps in, for every cloud, the same compiled compute that also returns every client's update,
+    and records each cloud's inputs and result."""
     cfg = fed.cfg
     local = make_local_update(make_task_loss(cfg.data.task, fed.fns.apply), client_optimizer(cfg.client),
                               fed.algo.pieces)
-    compute = make_round_compute(local, fed.algo.reducer, fed.algo.transform, len(fed.cloud_names),
-                                 fed.mesh, fed.layout, collect=True)
-    seen = {}
+    seen = []
+    clouds = []
+    for cloud in fed.clouds:
+        compute = make_round_compute(local, fed.algo.reducer, fed.algo.transform, 1, fed.mesh,
+                                     cloud.engine.layout, collect=True)
 
-    def wrapped(*args):
-        seen["result"] = compute(*args)
-        return seen["result"]
+        def wrapped(*args, compute=compute):
+            result = compute(*args)
+            seen.append((args[3], result))
+            return result
 
-    fed._compute = wrapped
+        clouds.append(dataclasses.replace(cloud, engine=dataclasses.replace(cloud.engine, run=wrapped)))
+    fed.clouds = clouds
     return seen
 
 
@@ -74,11 +83,16 @@ def _modules(tree, prefix=()):
 def _round(fed, state):
     seen = _collecting(fed)
     new, _ = fed.run_round(state)
-    deltas, weights = jax.device_get(seen["result"].deltas)
-    ids = np.asarray(fed._cohort)
-    w = np.asarray(weights, np.float64)[:len(ids)]
-    ranks = np.asarray(state.client_states["lora"])[ids]
-    return new, deltas, w / w.sum(), ranks, len(ids)
+    deltas, weights, ranks = [], [], []
+    for inputs, result in seen:  # cloud by cloud; the real slots have their cloud's one-hot set
+        real = np.asarray(inputs.onehot)[:, 0] > 0
+        d, w = jax.device_get(result.deltas)
+        deltas.append(jax.tree.map(lambda a: np.asarray(a)[real], d))
+        weights.append(np.asarray(w, np.float64)[real])
+        ranks.append(np.asarray(inputs.state["lora"])[real])
+    deltas = jax.tree.map(lambda *a: np.concatenate(a), *deltas)
+    w, ranks = np.concatenate(weights), np.concatenate(ranks)
+    return new, deltas, w / w.sum(), ranks, len(w)
 
 
 def _client_factors(scheme, g, d, k, rank):
@@ -171,9 +185,11 @@ def test_fedex_clients_start_from_the_global_model(data):
     cfg = fed.cfg
     local = jax.jit(make_local_update(make_task_loss(cfg.data.task, fed.fns.apply), client_optimizer(cfg.client),
                                       fed.algo.pieces))
-    cohort = fed.sample_cohort(jax.random.key(3))
-    inputs, _, _ = fed._round_inputs(state, cohort, jax.random.key(4), np.ones(len(fed.cloud_names)))
-    slot = int(np.flatnonzero(np.asarray(state.client_states["lora"])[cohort.ids] == 2)[0])
+    cloud = fed.clouds[0]
+    cohort = participation.sample_cloud(cfg.participation, len(cloud.members), cloud.capacity,
+                                        cfg.client.local_steps, jax.random.key(3), 1, cloud.name)
+    inputs, _ = round_inputs(cloud, state.clouds[cloud.name], cohort, jax.random.key(4))
+    slot = int(np.flatnonzero(np.asarray(inputs.state["lora"])[:len(cohort.ids)] == 2)[0])
     one = jax.tree.map(lambda x: x[slot], inputs)
     bc = fed.algo.aggregator.broadcast(state.agg_state)
     out, _ = local(state.params, fed.frozen, one.batches, jax.random.key(0), fed.hparams.replace(lr=jnp.float32(0)),

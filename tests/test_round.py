@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from fedjax_llm import participation
 from fedjax_llm.data.federated import build_federated_data, round_batches
 from fedjax_llm.server import Federation, NonFiniteError
 from tests.conftest import compose_config
@@ -45,12 +46,17 @@ def reference_round(fed: Federation, state):
     """One round written independently: a Python loop of plain optax steps per client, then the
     example-weighted mean of all client deltas (flat, ignoring the cloud hierarchy) in NumPy."""
     cfg = fed.cfg.client
-    _, k_round = jax.random.split(jax.random.wrap_key_data(state.key))
-    cohort = fed.sample_cohort(jax.random.fold_in(k_round, 11)).ids
-    k_clients = jax.random.fold_in(k_round, 12)
+    cohort, keys = [], []
+    for c, name in enumerate(fed.cloud_names):  # each cloud samples and keys its clients from its own key
+        _, k_round = jax.random.split(jax.random.wrap_key_data(state.clouds[name].key))
+        members = np.flatnonzero(fed.data.client_cloud == c)
+        local = participation.sample_cloud(fed.cfg.participation, len(members), len(members), cfg.local_steps,
+                                           jax.random.fold_in(k_round, 11), 1, name).ids
+        cohort.append(members[local])
+        keys.append(jax.random.split(jax.random.fold_in(k_round, 12), len(members))[local])
+    cohort, keys = np.concatenate(cohort), jnp.concatenate(keys)
     rb = round_batches(fed.data, cohort, state.data_cursors, cfg.local_steps, cfg.batch_size,
-                       int(state.data_seed))
-    keys = jax.random.split(k_clients, fed.data.num_clients)[cohort]
+                       int(state.clouds[fed.cloud_names[0]].data_seed))
     inner = (optax.adamw(cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
              else optax.sgd(cfg.lr))
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
@@ -113,7 +119,7 @@ def test_second_round_continues_from_state_and_matches_reference(fed):
 @pytest.mark.parametrize("chunk", [2, 4, 9])
 def test_chunked_equals_unchunked(cfg, data, fed, chunk):
     other = Federation(_with(cfg, client=dict(clients_per_chunk=chunk)), data)
-    assert other.layout.chunk == min(chunk, 9)
+    assert other.layout.chunk == min(chunk, 3)  # each cloud computes its own 3 clients
     state = fed.init_state()
     a, _ = fed.run_round(state)
     b, _ = other.run_round(state)
@@ -177,8 +183,9 @@ def test_nonfinite_client_is_dropped_named_and_never_reaches_the_model(cfg, data
     assert m["clients"] == fed.cohort_size - 1
     # Equal to FedAvg over the other clients: zero the bad client's weight in a clean federation.
     clean = Federation(cfg, data)
-    clean.num_train = clean.num_train.copy()
-    clean.num_train[bad] = 0
+    weights = clean.num_train.copy()
+    weights[bad] = 0
+    clean.num_train = weights
     ref, _ = clean.run_round(state)
     _assert_trees_close(new_state.params, ref.params, atol=1e-6)
 
@@ -215,14 +222,16 @@ def _paths(tree):
 def test_sampled_cohort_is_per_cloud_and_keyed(cfg, data):
     clouds = dataclasses.replace(cfg.clouds, members={
         n: dataclasses.replace(c, clients_per_round=2) for n, c in cfg.clouds.members.items()})
-    fed = Federation(dataclasses.replace(cfg, clouds=clouds), data)
+    cfg2 = dataclasses.replace(cfg, clouds=clouds)
+    fed = Federation(cfg2, data)
     assert fed.cohort_size == 6
     seen = set()
+    sample = lambda r: participation.sample_cohort(cfg2, data.client_cloud, jax.random.key(r), r).ids  # noqa: E731
     for r in range(20):
-        cohort = fed.sample_cohort(jax.random.key(r)).ids
+        cohort = sample(r)
         assert len(cohort) == 6 and len(set(cohort)) == 6
         assert np.all(np.bincount(data.client_cloud[cohort], minlength=3) == 2)
-        np.testing.assert_array_equal(cohort, fed.sample_cohort(jax.random.key(r)).ids)
+        np.testing.assert_array_equal(cohort, sample(r))
         seen.update(cohort.tolist())
     assert seen == set(range(9))
     state, m = fed.run_round(fed.init_state())
@@ -249,8 +258,8 @@ def test_loop_backend_names_the_failing_client_and_stage(cfg, data):
         bump = jax.pure_callback(fail_on_weight, jax.ShapeDtypeStruct((), np.float32), weight)
         return out.replace(loss_sum=out.loss_sum + bump), state
 
-    fed._compute = round_mod.make_loop_compute(flaky, fed.algo.reducer, fed.algo.transform, 3,
-                                               fed._describe_slot)
+    flaky_loop = round_mod.make_loop_compute(flaky, fed.algo.reducer, fed.algo.transform, 1)
+    fed.clouds = [dataclasses.replace(c, engine=dataclasses.replace(c.engine, run=flaky_loop)) for c in fed.clouds]
     with pytest.raises(round_mod.ClientStageError,
                        match=rf"round 1, cloud '\w+', client 5 \({data.client_names[5]}\): stage local_update"):
         fed.run_round(fed.init_state())
@@ -291,8 +300,9 @@ def test_rejected_uplink_drops_that_cloud_and_equals_fedavg_of_the_rest(cfg, dat
     assert m["clouds"]["americas"]["error"] is None
     # Reference: the same round with europe's clients weighted 0.
     clean = Federation(cfg, data)
-    clean.num_train = clean.num_train.copy()
-    clean.num_train[data.client_cloud == fed.cloud_names.index("europe")] = 0
+    weights = clean.num_train.copy()
+    weights[data.client_cloud == fed.cloud_names.index("europe")] = 0
+    clean.num_train = weights
     ref, _ = clean.run_round(state)
     _assert_trees_close(new_state.params, ref.params, atol=1e-6)
 

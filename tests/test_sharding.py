@@ -18,9 +18,10 @@ def test_four_device_mesh_equals_one_device(tmp_path):
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
     result = json.loads(line[len("RESULT "):])
     assert result["devices"] == 4
-    assert result["4x1"]["layout"] == [4, 3, 1] and result["4x1"]["mesh"] == 4  # 9 clients padded to 12
-    assert result["4x9"]["layout"] == [4, 1, 3]
-    assert result["2x2"]["layout"] == [2, 3, 2]
+    # each cloud lays out its own 3 clients: padded to 4 over 4 devices, to 2 x 2 over 2
+    assert result["4x1"]["layout"] == [4, 1, 1] and result["4x1"]["mesh"] == 4
+    assert result["4x9"]["layout"] == [4, 1, 1]
+    assert result["2x2"]["layout"] == [2, 1, 2]
     for name in ("4x1", "4x9", "2x2"):
         assert result[name]["clients"] == 9
         assert result[name]["max_diff"] < 1e-5, (name, result[name])

@@ -223,8 +223,10 @@ def _visit(train: np.ndarray, client: int, start: int, count: int, data_seed: in
 
 
 def round_batches(fd: FederatedData, client_ids: np.ndarray, cursors: np.ndarray, steps: int, batch_size: int,
-                  data_seed: int, local_epochs: float = 0.0) -> RoundBatches:
-    """Stacks the cohort's next local batches to [K, S, B, T]; local_epochs > 0 masks rows and steps past the budget."""
+                  data_seed: int, local_epochs: float = 0.0, materialize: Optional[np.ndarray] = None) -> RoundBatches:
+    """Stacks the cohort's next local batches to [K, S, B, T]; local_epochs > 0 masks rows and steps past the budget.
+    `materialize` ([K] bool) gathers only those clients' examples (the others' rows stay padding, their
+    cursors still advance): a process of a multi-process run builds only the clients on its devices."""
     client_ids = np.asarray(client_ids, np.int64).reshape(-1)
     new_cursors = np.array(cursors, np.int64, copy=True)
     K, S, B = len(client_ids), steps, batch_size
@@ -247,10 +249,12 @@ def round_batches(fd: FederatedData, client_ids: np.ndarray, cursors: np.ndarray
         count_K = np.full(K, S * B, np.int64)
 
     idx_KxSB = np.zeros((K, S * B), np.int64)
+    build = np.ones(K, bool) if materialize is None else np.asarray(materialize, bool)
     for k, c in enumerate(client_ids):
-        idx_KxSB[k, :count_K[k]] = _visit(fd.train_idx[c], int(c), int(new_cursors[c]), int(count_K[k]), data_seed)
+        if build[k]:
+            idx_KxSB[k, :count_K[k]] = _visit(fd.train_idx[c], int(c), int(new_cursors[c]), int(count_K[k]), data_seed)
         new_cursors[c] += count_K[k]
-    rows_KxSB = np.arange(S * B)[None, :] < count_K[:, None]
+    rows_KxSB = (np.arange(S * B)[None, :] < count_K[:, None]) & build[:, None]
     T = fd.tokens.shape[1]
     tokens = np.where(rows_KxSB[..., None], fd.tokens[idx_KxSB], fd.pad_id).astype(np.int32)
     loss_mask = fd.loss_mask[idx_KxSB] * rows_KxSB[..., None]

@@ -4,11 +4,12 @@
   and the sealing channel that every cross-cloud hop goes through.
 - DP-FedAvg as algorithm pieces: each client clips its update to C (`dp_clip_piece`); the aggregator
   sums, adds N(0, (z C)^2), divides by the expected number of clients and adapts C (`dp_aggregator`).
-  With secure aggregation on, the clouds add the noise in shares before masking, so the aggregator
-  never sees an un-noised sum.
-- `SecureSum`: each party masks [its weighted update sum, its weight] (scaled by a public constant)
-  with pairwise masks; the receiver unmasks only the total over the parties that arrived. Parties are
-  the clouds (the aggregator sums them) or a cloud's clients (the cloud sums them).
+  With secure aggregation on, each cloud adds a share of the noise from its own key before its
+  update leaves it (`noise_share_std`), so the aggregator never sees an un-noised sum.
+- Secure sums: a party's vector is [its weighted update sum, its weight, ...] scaled by a public
+  constant (`sum_vector`); the receiver unmasks only the total over the parties that arrived. Parties
+  are a cloud's clients (`secure_mean_of_clients`, every party in the cloud's process) or the clouds
+  (secure/protocol.py: each cloud runs its own half).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from fedjax_llm.client import ClientPiece
 from fedjax_llm.clouds.channel import Channel, plaintext_channel
 from fedjax_llm.config import DPConfig, SecAggConfig, SecureConfig
 from fedjax_llm.secure import dp as dplib
-from fedjax_llm.secure import secagg
+from fedjax_llm.secure import protocol, secagg
 from fedjax_llm.secure.channel import sealed_channel
 from fedjax_llm.secure.keys import TRUST_FILE, generate_identities, load_identities, load_trust
 from fedjax_llm.types import CloudAggregate, Params
@@ -107,99 +108,48 @@ def dp_noise_std(cfg: DPConfig, expected_clients: float, clip: float) -> float:
     return z * clip
 
 
-# ----- secure aggregation across clouds ---------------------------------------------------------------
-class SecureSum:
-    """Per round: set up pairwise masks between the clouds, mask each cloud's vector, unmask the sum.
-
-    A cloud's vector is [its summed update (weight x mean delta), its weight] divided by `scale`, a
-    public constant (the population's total weight), so every value stays within clip_range.
-    """
-
-    def __init__(self, cfg: SecAggConfig, cloud_names: Sequence[str], scale: float):
-        self.names = list(cloud_names)
-        n = len(self.names)
-        self.t = max(n // 2 + 1, math.ceil(cfg.threshold * n))
-        self.params = secagg.SecAggParams(threshold=self.t, clip_range=cfg.clip_range,
-                                          frac_bits=cfg.frac_bits, ring_bits=cfg.ring_bits)
-        self.params.check(n)
-        self.scale = float(scale)
-        self.session = None
-
-    def start(self, session_id: str) -> None:
-        self.session = secagg.setup(self.names, self.params, session_id=session_id)
-
-    def vector(self, delta: Params, weight: float, noise: Optional[Params] = None) -> tuple[np.ndarray, int]:
-        """A party's plaintext vector [weight x delta (+ noise), weight] / scale, and how many of its
-        values lie outside the clipping range."""
-        summed = jax.tree.map(lambda d: np.asarray(d, np.float64) * float(weight), delta)
-        if noise is not None:
-            summed = jax.tree.map(lambda s, z: s + np.asarray(z, np.float64), summed, noise)
-        flat = [np.ravel(x) for x in jax.tree.leaves(summed)]  # ravel_pytree's order, kept in float64
-        v = np.concatenate(flat + [np.array([float(weight)])]) / self.scale
-        return v, int(np.sum(np.abs(v) > self.params.clip_range))
-
-    def mask(self, cloud: str, vector: np.ndarray) -> np.ndarray:
-        return secagg.mask(self.session, cloud, vector)
-
-    def unmask(self, masked: dict[str, np.ndarray], like: Params) -> tuple[Params, float]:
-        """(summed update over the parties that arrived, their total weight); raises SecAggError when
-        too few arrived to reconstruct the dropped parties' masks. `like` shapes the update."""
-        total = secagg.unmask(self.session, masked, survivors=list(masked)) * self.scale
-        _, unravel = ravel_pytree(jax.tree.map(lambda d: np.asarray(d, np.float32), like))
-        return unravel(np.asarray(total[:-1], np.float32)), float(total[-1])
+def noise_share_std(cfg: DPConfig, expected_clients: float, clip: float, min_parties: int) -> float:
+    """Std of one cloud's share of the noise: any `min_parties` shares together carry the full std."""
+    return dp_noise_std(cfg, expected_clients, clip) / math.sqrt(max(min_parties, 1))
 
 
-def secure_sums_in_clouds(cfg: SecAggConfig, agg: CloudAggregate, deltas: Params, weights: np.ndarray,
-                          cohort_ids: np.ndarray, client_names: Sequence[str], client_cloud: np.ndarray,
-                          cloud_names: Sequence[str], client_weights: np.ndarray,
-                          session_prefix: str) -> tuple[CloudAggregate, dict[int, Exception]]:
-    """Secure aggregation inside each cloud: the cohort's clients of a cloud mask their weighted
-    updates and the cloud unmasks only their sum, which replaces the in-memory reduction.
+# ----- secure sums: vectors in, sums out ----------------------------------------------------------------
+def sum_vector(delta: Params, weight: float, scale: float, clip_range: float, noise: Optional[Params] = None,
+               extra: Optional[Params] = None) -> tuple[np.ndarray, int]:
+    """A party's plaintext vector [weight x delta (+ noise), weight, extra] / scale (float64; `scale`
+    is a public constant that keeps values within the clipping range), and how many values lie outside."""
+    summed = jax.tree.map(lambda d: np.asarray(d, np.float64) * float(weight), delta)
+    if noise is not None:
+        summed = jax.tree.map(lambda s, z: s + np.asarray(z, np.float64), summed, noise)
+    flat = [np.ravel(x) for x in jax.tree.leaves(summed)]  # ravel_pytree's order, kept in float64
+    more = [np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(extra)] if extra is not None else []
+    v = np.concatenate(flat + [np.array([float(weight)])] + more) / scale
+    return v, int(np.sum(np.abs(v) > clip_range))
 
-    `deltas`/`weights` are the per-client updates of the cohort (weight 0: dropped after sampling).
-    Returns the aggregate with each cloud's mean replaced and {cloud index: SecAggError} for clouds
-    where more than n - t of their sampled clients dropped (their sum cannot be recovered).
-    """
+
+def split_sum(total: np.ndarray, scale: float, delta_like: Params, extra_like: Params = ()) -> tuple:
+    """Inverse of summing `sum_vector`s: (summed update f32, total weight, summed extra f32)."""
+    total = np.asarray(total) * scale
+    f32 = lambda t: jax.tree.map(lambda d: np.zeros(np.shape(d), np.float32), t)  # noqa: E731
+    _, unravel = ravel_pytree(f32(delta_like))
+    D = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(delta_like))
+    _, unravel_extra = ravel_pytree(f32(extra_like))
+    return (unravel(np.asarray(total[:D], np.float32)), float(total[D]),
+            unravel_extra(np.asarray(total[D + 1:], np.float32)))
+
+
+def secure_mean_of_clients(cfg: SecAggConfig, deltas: Params, weights: np.ndarray, parties: Sequence[str],
+                           scale: float, session: str) -> tuple[Params, float]:
+    """Secure aggregation inside a cloud: its sampled clients (`parties`; weight 0 = dropped after
+    sampling) mask their weighted updates and the cloud unmasks only the sum of those that arrived.
+    Returns (their weighted mean, total weight); SecAggError when more than n - t dropped."""
+    params = protocol.params_for(cfg, len(parties))
+    session_ = secagg.setup(parties, params, session_id=session)
     like = jax.tree.map(lambda a: a[0], deltas)
-    cloud_of = np.asarray(client_cloud)[cohort_ids]
-    means, failed = [], {}
-    for c, name in enumerate(cloud_names):
-        slots = np.flatnonzero(cloud_of == c)
-        mean = jax.tree.map(lambda a: np.asarray(a[c]), agg.delta)
-        arrived = [i for i in slots if weights[i] > 0]
-        if len(slots) < 2 or not arrived:  # one party: its sum is its update; none: nothing to hide
-            means.append(mean)
-            continue
-        parties = [client_names[cohort_ids[i]] for i in slots]
-        scale = float(np.sum(np.asarray(client_weights)[np.asarray(client_cloud) == c]))
-        ss = SecureSum(cfg, parties, scale=scale)
-        ss.start(f"{session_prefix}/{name}")
-        masked = {}
-        for i in arrived:
-            vector, _ = ss.vector(jax.tree.map(lambda a: a[i], deltas), float(weights[i]))
-            masked[client_names[cohort_ids[i]]] = ss.mask(client_names[cohort_ids[i]], vector)
-        try:
-            total, weight = ss.unmask(masked, like)
-        except secagg.SecAggError as e:
-            failed[c] = e
-            means.append(mean)
-            continue
-        means.append(jax.tree.map(lambda t: np.asarray(t, np.float32) / weight, total))
-    stacked = jax.tree.map(lambda *a: np.stack(a), *means)
-    weight = np.where(np.isin(np.arange(len(cloud_names)), list(failed)), 0, agg.weight).astype(np.float32)
-    return agg.replace(delta=stacked, weight=weight), failed
-
-
-def noise_at_clouds(agg: CloudAggregate, total_std: float, key: jax.Array, min_arrivals: int) -> CloudAggregate:
-    """DP when only clients are securely aggregated: each cloud noises its weighted sum before it
-    leaves, with std total_std / sqrt(min_arrivals), so any min_arrivals clouds carry the full noise."""
-    std = total_std / math.sqrt(max(min_arrivals, 1))
-    rows = []
-    for c in range(int(np.shape(agg.weight)[0])):
-        w = float(agg.weight[c])
-        delta = jax.tree.map(lambda a: np.asarray(a[c]), agg.delta)
-        if w > 0:
-            noise = dplib.gaussian_like(jax.random.fold_in(key, c), delta, std)
-            delta = jax.tree.map(lambda d, z: ((d * w + np.asarray(z)) / w).astype(d.dtype), delta, noise)
-        rows.append(delta)
-    return agg.replace(delta=jax.tree.map(lambda *a: np.stack(a), *rows))
+    masked = {}
+    for i, name in enumerate(parties):
+        if weights[i] > 0:
+            vector, _ = sum_vector(jax.tree.map(lambda a: a[i], deltas), float(weights[i]), scale, cfg.clip_range)
+            masked[name] = secagg.mask(session_, name, vector)
+    total, weight, _ = split_sum(secagg.unmask(session_, masked), scale, like)
+    return jax.tree.map(lambda t: np.asarray(t, np.float32) / weight, total), weight
