@@ -93,9 +93,9 @@ EPSILONS = (1.0, 3.0, 8.0, INF)
 class Design:
     """The population, sampling and accounting every arm shares."""
 
-    clients_per_cloud: int = 50
+    clients_per_cloud: int = 34
     q: float = 0.1
-    rounds: int = 20
+    rounds: int = 10
     delta: float = 1e-5
     eval_every: int = 5
     local: tuple = ("client.local_steps=2", "client.batch_size=4", "client.local_epochs=1")
@@ -103,6 +103,11 @@ class Design:
     @property
     def population(self) -> int:
         return self.clients_per_cloud * len(CLOUDS)
+
+    @property
+    def tag(self) -> str:
+        """Run directories are kept per design, so a changed design never reuses another's runs."""
+        return f"n{self.population}_q{self.q:g}_t{self.rounds}"
 
 
 FULL = Design()
@@ -364,6 +369,8 @@ def tune_dp(args, d: Design, extra: list[str], noise: dict) -> None:
 
     path = os.path.join(args.out, "tuning_dp.json")
     old = json.load(open(path)) if os.path.exists(path) else {}
+    if old and old.get("design") != json.loads(json.dumps(dataclasses.asdict(d))):
+        old = {}  # tuned for another design: start again (keep the old file under another name to keep it)
     rows = [r for r in old.get("rows", []) if r["arm"] not in args.arms]  # arms tuned now are replaced
     picks = {a: p for a, p in old.get("picks", {}).items() if a not in args.arms}
     for arm in args.arms:
@@ -427,6 +434,8 @@ def main() -> None:
     if args.smoke:
         args.seeds, args.epsilons = args.seeds[:1], [3.0, INF]
         args.runs = os.path.join(args.out, "runs")
+    else:
+        args.runs = os.path.join(args.runs, d.tag)
     import jax
     if args.cache:
         jax.config.update("jax_compilation_cache_dir", args.cache)
@@ -452,10 +461,11 @@ def main() -> None:
     print("noise multipliers:", noise, flush=True)
     path = os.path.join(args.out, "results.json")
     t_all = time.perf_counter()
-    for arm in args.arms:
-        for eps in args.epsilons:
-            key = eps_key(eps)
-            for seed in args.seeds:
+    # seed-major, so a stopped study holds whole seeds of every setting; results stay arm -> epsilon -> seeds
+    for seed in args.seeds:
+        for arm in args.arms:
+            for eps in args.epsilons:
+                key = eps_key(eps)
                 t0 = time.perf_counter()
                 slr = server_lr(arm, key)
                 r = run_one(run_overrides(arm, d, noise[key], seed, extra, server_lr=slr),
