@@ -372,12 +372,6 @@ def tune_dp(args, d: Design, extra: list[str], noise: dict) -> None:
         return dict(arm=arm, epsilon=key, server_lr=slr, final_acc=r["acc"][-1], final_f1=r["f1"][-1],
                     seconds=r["seconds"])
 
-    path = os.path.join(args.out, "tuning_dp.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
-    if old and old.get("design") != json.loads(json.dumps(dataclasses.asdict(d))):
-        old = {}  # tuned for another design: start again (keep the old file under another name to keep it)
-    rows = [r for r in old.get("rows", []) if r["arm"] not in args.arms]  # arms tuned now are replaced
-    picks = {a: p for a, p in old.get("picks", {}).items() if a not in args.arms}
     for arm in args.arms:
         for key in (eps_key(e) for e in args.epsilons if not math.isinf(e)):
             grid, extension = SERVER_LRS[0], list(SERVER_LRS[1])
@@ -387,6 +381,13 @@ def tune_dp(args, d: Design, extra: list[str], noise: dict) -> None:
                 tried.append(trial(arm, key, extension.pop(0)))
             rows += tried
             picks.setdefault(arm, {})[key] = best()["server_lr"]
+    # Read only now: arms tuned by another process meanwhile are kept.
+    path = os.path.join(args.out, "tuning_dp.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    if old and old.get("design") != json.loads(json.dumps(dataclasses.asdict(d))):
+        old = {}  # tuned for another design: start again (keep the old file under another name to keep it)
+    rows = [r for r in old.get("rows", []) if r["arm"] not in args.arms] + rows  # arms tuned now are replaced
+    picks = {**{a: p for a, p in old.get("picks", {}).items() if a not in args.arms}, **picks}
     # An arm tuned at fewer epsilons (to save time) uses the pick of the nearest tuned epsilon.
     finite = [eps_key(e) for e in EPSILONS if not math.isinf(e)]
     applied = {a: {k: p[min(p, key=lambda t: abs(math.log(float(t) / float(k))))] for k in finite}
