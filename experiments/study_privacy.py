@@ -130,9 +130,9 @@ class Arm:
 
 SCRATCH_SLR = None  # filled in from --tune-dp --arms scratch --epsilons 3
 ARMS = {
-    "pretrained-lora": Arm((), 3e-2, 10.0, {"1": 1.0, "3": 0.03, "8": 0.03}),
+    "pretrained-lora": Arm((), 3e-2, 10.0, {"1": 0.1, "3": 0.1, "8": 0.3}),
     "scratch": Arm(("model=minilm_scratch",), 5e-4, 1.9, {"1": SCRATCH_SLR, "3": SCRATCH_SLR, "8": SCRATCH_SLR}),
-    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 2e-1, 17.0, {"1": 0.03, "3": 0.03, "8": 0.1}),
+    "bow": Arm(("model=bow", f"data.tokenizer_path={MINILM}"), 2e-1, 17.0, {"1": 0.1, "3": 0.1, "8": 1.0}),
 }
 SERVER_LRS = ((1.0, 0.3, 0.1), (0.03,))  # --tune-dp: the grid, then tried only while 0.1 is the best
 # --tune: the grid around study_pretrained.py's pick, then (below, above) tried one by one only while the
