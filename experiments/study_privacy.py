@@ -5,6 +5,7 @@ the same architecture from scratch and a bag-of-embeddings model, on a populatio
     python experiments/study_privacy.py --tune-dp               # 2. seed 0, each epsilon: server lr per arm
     python experiments/study_privacy.py                         # 3 arms x 4 epsilons x 3 seeds (committed)
     python experiments/study_privacy.py --render                # table and plots again from OUT/results.json
+    python experiments/study_privacy.py --collect               # results.json, table, plots from the complete runs
     python experiments/study_privacy.py --smoke --out /tmp/p    # CI: 30 clients, 2 rounds, 1 seed, 2 epsilons
 
 Clients. The default task's data (task=topics: the English chatterbot corpus, 950 prompt + response pairs
@@ -234,6 +235,15 @@ def run_one(overrides: list[str], run_dir: str) -> dict:
                 seconds=sum(r["wall_s"] for r in trained), run_dir=run_dir, overrides=overrides)
 
 
+def complete(run_dir: str) -> bool:
+    """Whether run_dir holds a run that finished (its summary says so)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def population_facts(d: Design, seed: int, extra: Sequence[str]) -> dict:
     """Who holds what under this seed's partition, and the accuracy of always predicting the most
     frequent training label (the level a model that learned nothing but the prior reaches)."""
@@ -304,6 +314,10 @@ def write_outputs(saved: dict, out: str) -> str:
             f"{design['q']:g}, {design['rounds']} rounds, delta = {design['delta']:g}, RDP accountant. Final "
             f"accuracy on the held-out examples after round {design['rounds']}, mean ± std over {seeds}; always "
             f"predicting the most frequent training label scores {np.mean(majority):.3f}.", ""]
+    if saved.get("missing"):
+        head[-1:] = ["", "Not run (the study stopped before them; rerun the command to add them): " + ", ".join(
+            f"{m['arm']} ε={eps_text(float(m['epsilon']))} seed {m['seed']}" for m in sorted(
+            saved["missing"], key=lambda m: (list(ARMS).index(m["arm"]), float(m["epsilon"]), m["seed"]))) + ".", ""]
     text = "\n".join([*head, tables.md_table(matrix), tables.markdown(groups, columns)])
     with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -311,7 +325,8 @@ def write_outputs(saved: dict, out: str) -> str:
 
     xs = [1.0, 3.0, 8.0, 24.0]  # infinity drawn at 24 on the log axis
     shown = [(x, k) for x, k in zip(xs, (eps_key(e) for e in EPSILONS)) if k in keys]
-    lines = [(arm, [by_key[arm, k] for _, k in shown]) for arm in arms if all((arm, k) in by_key for _, k in shown)]
+    # a setting not run is an empty group: a gap in its arm's line
+    lines = [(arm, [by_key.get((arm, k), G.Group(f"{arm}, ε={k}", [])) for _, k in shown]) for arm in arms]
     plots.final_vs_setting_figure(
         os.path.join(out, "accuracy_vs_epsilon.png"), lines, [x for x, _ in shown],
         ["∞\n(no noise)" if k == "inf" else k for _, k in shown], acc,
@@ -431,6 +446,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/fedjax_llm/jax"),
                     help="JAX compilation cache: runs after the first of an arm reuse its compiled round")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: results.json, tables and plots from the complete run directories, "
+                         "the others listed as not run")
     ap.add_argument("--render", action="store_true",
                     help="run nothing: rewrite OUT/table.md, table.csv and the plots from OUT/results.json")
     args = ap.parse_args()
@@ -476,10 +494,15 @@ def main() -> None:
                 key = eps_key(eps)
                 t0 = time.perf_counter()
                 slr = server_lr(arm, key)
-                r = run_one(run_overrides(arm, d, noise[key], seed, extra, server_lr=slr),
-                            run_dir(args.runs, arm, key, slr, seed))
+                rdir = run_dir(args.runs, arm, key, slr, seed)
+                if args.collect and not complete(rdir):
+                    saved.setdefault("missing", []).append(dict(arm=arm, epsilon=key, seed=seed))
+                    continue
+                r = run_one(run_overrides(arm, d, noise[key], seed, extra, server_lr=slr), rdir)
                 r["run_dir"] = os.path.relpath(r["run_dir"], os.path.dirname(HERE))
-                saved["results"].setdefault(arm, {}).setdefault(key, []).append(dict(seed=seed, **r))
+                by_eps = saved["results"].setdefault(arm, {})
+                by_eps.setdefault(key, []).append(dict(seed=seed, **r))
+                saved["results"][arm] = {k: by_eps[k] for k in map(eps_key, EPSILONS) if k in by_eps}
                 fe = r["final_epsilon"]
                 print(f"{arm} eps {eps_text(eps)} seed {seed}: accuracy {r['acc'][0]:.3f} -> {r['acc'][-1]:.3f}, "
                       f"macro-F1 {r['f1'][-1]:.3f}, epsilon spent {'inf' if fe is None else f'{fe:.3f}'}, "
@@ -487,6 +510,9 @@ def main() -> None:
                 saved["this_process_wall_s"] = time.perf_counter() - t_all  # complete run dirs are reused
                 with open(path, "w") as f:
                     json.dump(saved, f, indent=1)
+    saved["results"] = {a: saved["results"][a] for a in args.arms if a in saved["results"]}
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
     print(write_outputs(saved, args.out))
 
 
