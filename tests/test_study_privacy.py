@@ -85,6 +85,19 @@ def test_smoke_runs_every_arm_and_its_tables_and_noise_check_out(tmp_path):
     for name in ("accuracy_vs_epsilon.png", "accuracy_by_round.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --collect trains nothing: the same results from the run directories, a removed run listed as not run
+    shutil.rmtree(tmp_path / "runs" / "bow" / "epsinf" / "server_lr1" / "seed0")
+    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--collect", "--out", str(tmp_path), "--cache", ""],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    collected = json.load(open(tmp_path / "results.json"))
+    assert collected["missing"] == [dict(arm="bow", epsilon="inf", seed=0)]
+    del saved["results"]["bow"]["inf"]
+    assert collected["results"] == saved["results"]
+    assert "Not run (the study stopped before them; rerun the command to add them): bow ε=∞ seed 0." in \
+        (tmp_path / "table.md").read_text()
+    check_tables(collected, str(tmp_path))
+
 
 def test_committed_results_tables_and_noise_multipliers():
     """The committed study: >= 100 clients, >= 3 seeds per setting, every arm at every epsilon, tables
