@@ -19,7 +19,7 @@ of its "conversations" are a single pair, so clients cannot be formed by author 
 here stands for a user holding a handful of texts on a few topics. 102 clients is the issue's minimum of
 100 (rounded up to 34 per cloud), far below the 10^4-10^6 clients of production DP-FedAvg; the results
 below should be read as such. (The study was first laid out and tuned on 150 clients and 20 rounds; on
-this shared 2-core machine a from-scratch run of that design took 8-15 minutes, too long for 12 of them.)
+this shared 2-core machine a from-scratch run of that design took up to 14 minutes, too long for 12.)
 
 Sampling and accounting. Every round each client joins independently with probability q = 0.1
 (participation.sampling=poisson, about 10 clients a round; the cohort is padded to 45 slots, and padded
