@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
 from fedjax_llm.report import group as G
 from fedjax_llm.report.group import Group, Metric
@@ -184,6 +184,41 @@ def matrix_figure(path: str, groups: Sequence[Group], key: str, phase_names: Seq
     for ax in axes[len(shown):]:
         ax.set_visible(False)
     fig.colorbar(image, ax=list(axes[:len(shown)]), shrink=0.8, label=value_label)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def final_vs_setting_figure(path: str, lines: Sequence[tuple[str, Sequence[Group]]], xs: Sequence[float],
+                            tick_labels: Sequence[str], m: Metric, xlabel: str, title: str,
+                            levels: Sequence[tuple[str, float]] = (), log_x: bool = True,
+                            last_apart: bool = False) -> str:
+    """Final m of each setting against a numeric setting (one line per (label, groups aligned with xs):
+    mean over seeds, band and bars = ± one sample std); `levels` are dotted reference lines;
+    `last_apart` dashes the segment to the last x (a stand-in position, such as infinity's)."""
+    fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.asarray(xs, float)
+    for i, (label, groups) in enumerate(lines):
+        finals = [G.mean_std([G.final(r, m.key) for r in g.runs]) for g in groups]
+        c = dict(mean=np.asarray([f[0] for f in finals]), std=np.asarray([f[1] for f in finals]))
+        n = "/".join(map(str, sorted({len(g.runs) for g in groups})))
+        name = f"{label} (n={n} seed{'' if n == '1' else 's'})"
+        if last_apart and len(x) > 1:
+            _band(ax, x[:-1], dict(mean=c["mean"][:-1], std=c["std"][:-1]), _color(i), name)
+            _band(ax, x[-2:], dict(mean=c["mean"][-2:], std=c["std"][-2:]), _color(i), None, linestyle="--")
+        else:
+            _band(ax, x, c, _color(i), name)
+        ax.errorbar(x, c["mean"], yerr=np.nan_to_num(c["std"]), color=_color(i), linestyle="none", capsize=3)
+    for j, (label, level) in enumerate(levels):
+        ax.axhline(level, color="0.45", linestyle=(0, (1, 2 + j)), linewidth=1, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xticks(list(xs), list(tick_labels))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(xlabel)
+    _y_axis(ax, m)
+    _legend_below(fig, ax, 4.4)
     fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
     fig.savefig(path, dpi=DPI)
     return path
