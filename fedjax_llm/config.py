@@ -278,6 +278,9 @@ class DriftConfig:
     remedy: str = "none"           # none | ewc: an EWC / FedCurv penalty anchoring the parameters that
                                    # mattered in earlier phases (drift/ewc.py)
     ewc_lambda: float = 1.0        # ewc: penalty strength on the Fisher divided by its largest entry
+
+
+@dataclasses.dataclass
 class TLSConfig:
     """Mutual TLS beneath the seal on the gRPC transport (every message is sealed either way)."""
 
