@@ -174,30 +174,24 @@ def make_local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             hyperparams={**opt_state.hyperparams, "learning_rate": hparams.lr})
         step_keys = jax.random.split(key, batches.step_mask.shape[0])
 
-        def train(carry, inputs, step_key):
+        def step(carry, xs):
             params, opt, sq = carry
+            inputs, valid, step_key = xs
             (_, (loss_sum, ntok)), grads = grad_fn(params, trainable, run_frozen, inputs, step_key, broadcast)
             if place_grads is not None:
                 grads = place_grads(grads)
             if want_sq:
-                sq = jax.tree.map(lambda a, g: a + g, sq, task_grad_sq(grads, params, trainable, broadcast))
+                sq = jax.tree.map(lambda a, g: a + jnp.where(valid, g, 0.0), sq,
+                                  task_grad_sq(grads, params, trainable, broadcast))
             for p in pieces:
                 if p.adjust_grads is not None:
                     grads = p.adjust_grads(grads, state.get(p.name), broadcast.get(p.name))
             updates, new_opt = optimizer.update(grads, opt, params)
             new_params = optax.apply_updates(params, updates)
-            return (new_params, new_opt, sq), (loss_sum.astype(jnp.float32), ntok.astype(jnp.float32))
-
-        def skip(carry, inputs, step_key):
-            del inputs, step_key
-            return carry, (jnp.float32(0), jnp.float32(0))
-
-        def step(carry, xs):
-            # A masked step (padding slot, straggler, absent client) leaves params, optimizer and squared
-            # gradients as they are. Unbatched (a CPU chunk of one client) lax.cond skips its compute;
-            # under vmap it lowers to a select of both branches, as jnp.where would.
-            inputs, valid, step_key = xs
-            return jax.lax.cond(valid, train, skip, carry, inputs, step_key)
+            # A masked step (padding slot, straggler, absent client) leaves params and optimizer as they are.
+            keep = lambda new, old: jnp.where(valid, new, old)  # noqa: E731
+            carry = (jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt, opt), sq)
+            return carry, (jnp.where(valid, loss_sum, 0.0), jnp.where(valid, ntok, 0.0))
 
         xs = (batches.inputs, batches.step_mask, step_keys)
         sq0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), start) if want_sq else ()

@@ -155,6 +155,15 @@ def quiet_closed_loop_noise() -> None:
         default(args)
 
     threading.excepthook = hook
+    default_unraisable = sys.unraisablehook
+
+    def unraisable(args: "sys.UnraisableHookArgs") -> None:  # the same, when raised in a finalizer
+        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+            log.debug("ignored: %s", args.exc_value)
+            return
+        default_unraisable(args)
+
+    sys.unraisablehook = unraisable
 
 
 def exit_on_signals_while_starting(prog: str) -> None:

@@ -5,6 +5,7 @@ data (an hf model's config.json is read, so an unsupported architecture fails he
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 from fedjax_llm.config import RULES, TrainConfig
@@ -151,8 +152,10 @@ def _validate_drift(cfg: TrainConfig) -> None:
                 _require(not pc.labels or label in pc.labels, f"{key}.clouds.{name}.keep.{label}",
                          f"{label!r} is not among this phase's labels {list(pc.labels)}")
     total = sum(p.rounds for p in d.phases)
-    _require(total <= cfg.run.rounds, "drift.phases",
-             f"their rounds add up to {total}, past run.rounds={cfg.run.rounds}; the later phases would never run")
+    if total > cfg.run.rounds:  # allowed: a run may be extended later (resume=DIR run.rounds=N)
+        logging.getLogger("fedjax_llm").warning(
+            "drift.phases: their rounds add up to %d, past run.rounds=%d; the phases after round %d run only "
+            "if the run is extended", total, cfg.run.rounds, cfg.run.rounds)
     if d.remedy == "ewc":
         _require(cfg.model.lora.aggregation != "fedex", "drift.remedy",
                  "=ewc cannot be combined with model.lora.aggregation=fedex (its base residual is aggregator state)")

@@ -58,10 +58,3 @@ def test_masked_steps_change_nothing_and_match_a_loop_of_the_unmasked_steps():
     for i, out in enumerate(outs):
         np.testing.assert_allclose(vout.delta["w"][i], out.delta["w"], rtol=1e-5, atol=1e-6)
 
-
-def test_an_unbatched_client_skips_masked_steps_with_cond():
-    update = make_local_update(_loss, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
-    b = _batches(0, [True, False, True])
-    jaxpr = jax.make_jaxpr(update)({"w": jnp.zeros(D)}, {}, b, jax.random.key(0), ClientHParams(lr=jnp.float32(0.1)),
-                                   jnp.float32(1), {}, {})
-    assert "cond" in str(jaxpr)
