@@ -89,7 +89,6 @@ def test_a_label_that_matches_nothing_names_the_key():
 @pytest.mark.parametrize("overrides, key", [
     (["drift.remedy=ewc"], "drift.remedy"),
     (["drift=topics_phases", "drift.remedy=replay"], "drift.remedy"),
-    (["drift=topics_phases", "run.rounds=10"], "drift.phases"),
     (["drift=topics_phases", "drift.phases.1.rounds=0", "run.rounds=20"], "drift.phases.1.rounds"),
     (["drift=topics_phases", "+drift.phases.0.clouds.mars.labels=[ai]", "run.rounds=20"], "drift.phases.0.clouds.mars"),
     (["drift=topics_phases", "drift.phases.1.clouds.central.keep.ai=1.5", "run.rounds=20"],
@@ -108,3 +107,10 @@ def test_a_misspelt_phase_key_is_named():
     with pytest.raises(Exception, match="drift.phases.0.clouds.east.lables: not a config key; did you mean "
                                         "drift.phases.0.clouds.east.labels"):
         compose_config(["task=topics", "drift=topics_phases", "+drift.phases.0.clouds.east.lables=[ai]"])
+
+
+def test_phases_past_run_rounds_warn_since_a_run_may_be_extended(caplog):
+    cfg = compose_config(["task=topics", "drift=topics_phases", "run.rounds=10"])
+    with caplog.at_level("WARNING", logger="fedjax_llm"):
+        validate(cfg)
+    assert "drift.phases: their rounds add up to 18, past run.rounds=10" in caplog.text
