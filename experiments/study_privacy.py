@@ -23,7 +23,8 @@ this shared 2-core machine a from-scratch run of that design took up to 14 minut
 
 Sampling and accounting. Every round each client joins independently with probability q = 0.1
 (participation.sampling=poisson, about 10 clients a round; the cohort is padded to 45 slots, and padded
-slots skip their compute), for T = 10 rounds; each client makes up to 2 AdamW steps of 4 examples, at most
+slots skipped their compute when these runs were made; main now masks them with a select again, equal
+within float rounding), for T = 10 rounds; each client makes up to 2 AdamW steps of 4 examples, at most
 one pass over its data (client.local_epochs=1). DP-FedAvg (McMahan et al., ICLR 2018; fedjax_llm/secure):
 client.weighting=uniform, each client's update clipped to L2 norm C, Gaussian noise of std z*C added to
 the sum, divided by the expected cohort qN = 10.2, then server SGD (lr below). The accountant is the
