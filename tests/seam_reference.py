@@ -5,7 +5,11 @@
 config, a digest of the final global params, per-leaf statistics and the round metrics after two rounds.
 `tests/test_halves.py` replays the same configs through the public surface (`Federation`, `init_state`,
 `run_round`) and compares: bit for bit where this machine's XLA gives the bits the reference machine
-gave (a fixed canary computation decides), else to float tolerance on the leaf statistics.
+gave (a fixed canary computation and equal digests), else to float tolerance on the leaf statistics.
+
+Machines that round differently get their own bitwise entry (`--write FILE --add-machine`, stored under
+`machine()`), recorded from a tree that passed this test on the reference machine: the entry for the 2-core AMD EPYC
+(AVX-512) was recorded from commit 69eaa3d, whose CI run passed it.
 
 Every config here keeps its randomness where the split left it: full participation (no sampling,
 dropout or stragglers, which now come from each cloud's own key), models without dropout (client keys
@@ -53,6 +57,28 @@ def canary() -> str:
     return tree_digest(y)
 
 
+def machine() -> str:
+    """The CPU and software that decide XLA:CPU's rounding: model, cache size, vector ISA, core count, jax.
+
+    XLA:CPU compiles for the host it runs on (vector width, cache-size-dependent matmul blocking), so
+    two machines can agree on `canary()` and still round a training round differently."""
+    model = cache = ""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                model = model or (value if key == "model name" else "")
+                cache = cache or (value if key == "cache size" else "")
+                if key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = ",".join(sorted(flags & {"avx2", "fma", "avx512f", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni"}))
+    return f"{model}|{cache}|{isa}|{os.cpu_count()}|jax {jax.__version__}"
+
+
 def leaf_stats(tree) -> dict:
     from fedjax_llm.clouds.message import leaf_paths
     out = {}
@@ -87,13 +113,24 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", required=True)
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--add-machine", action="store_true",
+                    help="keep --write's reference and add this machine's digests and metrics under machine()")
     args = ap.parse_args(argv)
     import tempfile
     cache = tempfile.mkdtemp(prefix="seam-tok-")
-    out = {"canary": canary(), "jax": jax.__version__, "rounds": ROUNDS, "configs": {}}
-    for name in args.only or CONFIGS:
-        print(name, file=sys.stderr, flush=True)
-        out["configs"][name] = run(name, cache)
+    if args.add_machine:
+        with open(args.write, encoding="utf-8") as f:
+            out = json.load(f)
+        entry = out.setdefault("machines", {}).setdefault(machine(), {})
+        for name in args.only or CONFIGS:
+            print(name, file=sys.stderr, flush=True)
+            r = run(name, cache)
+            entry[name] = {k: r[k] for k in ("digest", "frozen_digest", "metrics")}
+    else:
+        out = {"canary": canary(), "jax": jax.__version__, "rounds": ROUNDS, "configs": {}}
+        for name in args.only or CONFIGS:
+            print(name, file=sys.stderr, flush=True)
+            out["configs"][name] = run(name, cache)
     os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
     with open(args.write, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1, sort_keys=True)
