@@ -361,4 +361,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from fedjax_llm.startup import prefer_huge_pages
+
+    prefer_huge_pages()  # as the console scripts do: the engine and its baselines run under the same allocator
     main()

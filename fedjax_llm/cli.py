@@ -116,6 +116,9 @@ def run_main(fn: Callable[[], object], prog: str, verbose: bool, unwrap: type = 
 
 def train() -> None:
     """The fedjax-llm-train console script: signals are handled before the heavy imports start."""
+    from fedjax_llm.startup import prefer_huge_pages
+
+    prefer_huge_pages()
     from fedjax_llm.lifecycle import exit_on_signals_while_starting
 
     exit_on_signals_while_starting("fedjax-llm-train")

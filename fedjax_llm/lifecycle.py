@@ -178,6 +178,7 @@ def exit_on_signals_while_starting(prog: str) -> None:
 
     for s in SIGNALS:
         signal.signal(s, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked across startup.prefer_huge_pages' exec
 
 
 def raise_on_signals() -> None:

@@ -24,6 +24,9 @@ from typing import Any, Optional
 from fedjax_llm.lifecycle import exit_on_signals_while_starting
 
 if __name__ == "__main__":  # python -m fedjax_llm.train (the console script installs it in cli.train)
+    from fedjax_llm.startup import prefer_huge_pages
+
+    prefer_huge_pages()
     exit_on_signals_while_starting("fedjax-llm-train")
 
 import hydra  # noqa: E402

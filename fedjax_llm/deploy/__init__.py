@@ -3,6 +3,9 @@
 
 def serve_main() -> None:
     """The fedjax-llm-serve console script: signals are handled before the heavy imports start."""
+    from fedjax_llm.startup import prefer_huge_pages
+
+    prefer_huge_pages()
     from fedjax_llm.lifecycle import exit_on_signals_while_starting
 
     exit_on_signals_while_starting("fedjax-llm-serve")

@@ -20,6 +20,9 @@ from typing import Optional
 from fedjax_llm.lifecycle import exit_on_signals_while_starting
 
 if __name__ == "__main__":  # python -m fedjax_llm.deploy.serve (the console script: fedjax_llm.deploy.main)
+    from fedjax_llm.startup import prefer_huge_pages
+
+    prefer_huge_pages()
     exit_on_signals_while_starting("fedjax-llm-serve")
 
 import hydra  # noqa: E402
