@@ -13,7 +13,9 @@ centralized training on the same tokens, in one process, with ratios.
 (d) ideal   = (b) with a minimal Llama step written plainly in experiments/ideal_llama.py, independent of
               fedjax_llm.models (no masks, dropout or split/merge; same shapes and optimizer).
 (e) ideal central = (c) with that step.
-Each figure is the median of --rounds timed rounds after one warm-up round (compilation excluded).
+Each figure is the median of --rounds timed rounds after one warm-up round (compilation excluded); the
+runners take turns round by round, so a drift in the machine's speed moves them alike. The first
+(compiling) round of the engine and of the ideal loop is printed apart ("1st ... s").
 MFU: model FLOPs per token (ideal_llama.flops_per_token: 6 x matmul params + 12 x layers x seq x width;
 4 x the matmul params of a frozen base) x tokens/s, against the f32 matmul rate (2048^3) measured in the
 same process.
@@ -280,27 +282,42 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _interleaved_rates(runners: dict, tokens: int, rounds: int) -> tuple[dict, dict]:
+    """Warms every runner up (its first call, compilation included, is timed apart), then times them
+    round-robin, one round each per pass, so a machine whose speed drifts over minutes (a shared VM)
+    moves every runner alike; returns ({name: tokens/s of the median round}, {name: first-call s})."""
+    first = {}
+    for name, fn in runners.items():
+        first[name] = _timed(fn)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            times[name].append(_timed(fn))
+    return {name: tokens / statistics.median(t) for name, t in times.items()}, first
+
+
 def bench_workload(w: Workload, rounds: int, chunks: list[int]) -> dict:
     out = {"workload": w.name, "tokens_per_round": w.tokens_per_round}
-    fed = None
+    runners, fed = {}, None
     for chunk in chunks:
         one, fed_c = engine_runner(w, chunk)
         fed = fed or fed_c
-        rate, sec = _median_rate(one, w.tokens_per_round, rounds)
-        out[f"engine_chunk{chunk or 'auto'}"] = rate
-        out.setdefault("engine", rate)  # the first chunk setting is the engine's default
+        runners[f"engine_chunk{chunk or 'auto'}"] = one
         out.setdefault("engine_layout", list(fed_c.layout.shape))
-    out["loop"], _ = _median_rate(loop_runner(w, fed), w.tokens_per_round, rounds)
-    out["central"], _ = _median_rate(central_runner(w, fed), w.tokens_per_round, rounds)
-    out["ideal"], _ = _median_rate(ideal_loop_runner(w, fed), w.tokens_per_round, rounds)
-    out["ideal_central"], _ = _median_rate(ideal_central_runner(w, fed), w.tokens_per_round, rounds)
+    runners.update(loop=loop_runner(w, fed), central=central_runner(w, fed), ideal=ideal_loop_runner(w, fed),
+                   ideal_central=ideal_central_runner(w, fed))
+    rates, first = _interleaved_rates(runners, w.tokens_per_round, rounds)
+    out.update(rates)
+    out["engine"] = rates[f"engine_chunk{chunks[0] or 'auto'}"]  # the first chunk setting is the engine's default
+    out["first_round_s"] = {"engine": first[f"engine_chunk{chunks[0] or 'auto'}"], "loop": first["loop"],
+                            "ideal": first["ideal"]}
     out["engine/loop"] = out["engine"] / out["loop"]
     out["engine/central"] = out["engine"] / out["central"]
     out["engine/ideal"] = out["engine"] / out["ideal"]
     out["engine/ideal_central"] = out["engine"] / out["ideal_central"]
     out["peak_gflops"] = matmul_peak()
     out["flops_per_token"] = flops_per_token(ideal_model(w), w.seq - 1)
-    for name in ("engine", "ideal"):
+    for name in ("engine", "ideal", "ideal_central"):
         out[f"mfu_{name}"] = out[name] * out["flops_per_token"] / (out["peak_gflops"] * 1e9)
     return out
 
@@ -332,7 +349,8 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, "
           f"{os.cpu_count()} CPUs; median of {args.rounds} rounds after a warm-up")
     header = (f"{'workload':<14}{'engine tok/s':>14}{'loop tok/s':>12}{'central tok/s':>15}{'eng/loop':>10}"
-              f"{'eng/central':>13}{'eng/ideal':>11}{'eng/ideal-c':>13}{'MFU eng':>9}{'MFU ideal':>11}  chunks")
+              f"{'eng/central':>13}{'eng/ideal':>11}{'eng/ideal-c':>13}{'MFU eng':>9}{'MFU ideal':>11}{'MFU ideal-c':>13}"
+              f"{'1st eng s':>10}{'1st ideal':>10}  chunks")
     rows = []
     for name in args.workloads:
         w = Workload(name, *WORKLOADS[name])
@@ -341,8 +359,9 @@ def main() -> None:
         chunk_rates = " ".join(f"{k[12:]}={v:,.0f}" for k, v in r.items() if k.startswith("engine_chunk"))
         print(f"{name:<14}{r['engine']:>14,.0f}{r['loop']:>12,.0f}{r['central']:>15,.0f}"
               f"{r['engine/loop']:>9.2f}x{r['engine/central']:>12.2f}x{r['engine/ideal']:>10.2f}x"
-              f"{r['engine/ideal_central']:>12.2f}x{r['mfu_engine']:>9.1%}{r['mfu_ideal']:>11.1%}  {chunk_rates}"
-              f"  (f32 matmul {r['peak_gflops']:.0f} GFLOP/s)", flush=True)
+              f"{r['engine/ideal_central']:>12.2f}x{r['mfu_engine']:>9.1%}{r['mfu_ideal']:>11.1%}"
+              f"{r['mfu_ideal_central']:>13.1%}{r['first_round_s']['engine']:>10.1f}{r['first_round_s']['ideal']:>10.1f}"
+              f"  {chunk_rates}  (f32 matmul {r['peak_gflops']:.0f} GFLOP/s)", flush=True)
     if rows:
         print(header)
     if args.scaling:
