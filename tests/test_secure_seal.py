@@ -329,3 +329,22 @@ def test_compression_error_bounds_and_exact_small_leaves(ids, trust, method):
     down, _ = ch.receive(ch.send(tree, sender="aggregator", recipient="europe", round=1), like=tree,
                          sender="aggregator", recipient="europe", round=1)
     assert _bits(down) == _bits(tree)
+
+
+def test_hashes_computed_beside_the_aead_loop_change_nothing(ids, trust, monkeypatch):
+    """seal() hashes the payload, and open_sealed() the frames, on a worker thread for large messages;
+    with the threshold at 0 every message takes that path: round trips against the sequential stream
+    path both ways, and every flipped bit is still refused with its named error."""
+    monkeypatch.setattr(S, "PARALLEL_HASH_MIN_BYTES", 0)
+    calls = []
+    beside = S._sha256_beside
+    monkeypatch.setattr(S, "_sha256_beside", lambda data: calls.append(len(data)) or beside(data))
+    for n in (1, CHUNK, 3 * CHUNK + 5):
+        test_round_trip_bytes_and_stream(ids, trust, "aes-256-gcm", n)
+    assert calls  # the worker-thread path ran
+    payload = os.urandom(2 * CHUNK + 3)
+    wire = b"".join(S.seal_stream([payload], length=len(payload), sender=ids["americas"],
+                                  recipient=trust["aggregator"], round=3, seq=0, run_id="run-1",
+                                  chunk_bytes=CHUNK))  # sequential hashes on the sealing side
+    assert _open(ids, trust, wire)[0] == payload  # opened with the frames hashed beside
+    test_every_bit_flip_is_rejected(ids, trust)
