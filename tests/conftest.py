@@ -2,12 +2,17 @@
 arguments of the subprocess runs the fault-injection tests make."""
 import os
 
-import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+# The hundreds of short training processes the tests start skip startup.prefer_huge_pages' re-exec: on
+# this 2-core VM it made start-up-heavy files 15 % slower (test_cli_errors + test_rundir: 78 vs 68 s),
+# while it pays off only in long rounds. tests/test_startup.py clears the switch and tests the re-exec.
+os.environ.setdefault("FEDJAX_LLM_HUGEPAGES", "0")
 
-from fedjax_llm.config import TrainConfig, register_configs, to_train_config
-from fedjax_llm.train import CONF_DIR
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+
+from fedjax_llm.config import TrainConfig, register_configs, to_train_config  # noqa: E402
+from fedjax_llm.train import CONF_DIR  # noqa: E402
 
 register_configs()
 
