@@ -59,7 +59,6 @@ def jax_child(rounds: int) -> dict:
 
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import bench_round as br
-    from fedjax_llm.checkpoint import tree_digest
 
     out, h = {"matmul_gflops": []}, hashlib.sha256()
     for m, k, n in SHAPES:
