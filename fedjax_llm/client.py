@@ -107,9 +107,7 @@ def _token_nll(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
     forward and backward are the very float operations autodiff performs (same order, same rounding),
     so results are bitwise those of `-take_along_axis(log_softmax(x), t)`; tests/test_client.py checks.
     """
-    shifted, _, total = _shifted_and_lse(logits_BxTxV)
-    picked = jnp.take_along_axis(shifted, targets_BxT[..., None], axis=-1)
-    return -(picked - jnp.log(total))[..., 0]
+    return _token_nll_fwd(logits_BxTxV, targets_BxT)[0]
 
 
 def _token_nll_fwd(logits_BxTxV, targets_BxT):
